@@ -1,0 +1,30 @@
+"""normscope: fast, observable and safe layer normalization for PyTorch models.
+
+``import normscope`` is light: it imports torch and normscope's own modules only (no Triton, ONNX
+or transformers), and it does not initialise CUDA.
+"""
+
+from normscope import nn  # noqa: F401
+from normscope.functional import (
+    add_layer_norm,
+    add_rms_norm,
+    layer_norm,
+    masked_layer_norm,
+    masked_rms_norm,
+    rms_norm,
+)
+from normscope.nn import convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "masked_layer_norm",
+    "masked_rms_norm",
+    "nn",
+    "convert",
+    "__version__",
+]

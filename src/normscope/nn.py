@@ -1,0 +1,177 @@
+"""Drop-in normalization modules and :func:`convert`.
+
+:class:`LayerNorm` and :class:`RMSNorm` subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` with
+the same constructor signature, parameters and state-dict keys; only ``forward`` changes, to call
+normscope's ops. :func:`convert` swaps them into an existing model in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from normscope import functional as F
+from normscope.discovery import probe_rms_style
+
+__all__ = ["LayerNorm", "RMSNorm", "convert", "ConvertResult", "Replacement", "Skipped"]
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    r"""Drop-in :class:`torch.nn.LayerNorm` running :func:`normscope.layer_norm`.
+
+    Same arguments (``normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
+    dtype=None``), parameters and state-dict keys; ``bias=False`` makes no bias.
+
+    Example::
+
+        >>> ln = normscope.nn.LayerNorm(64)
+        >>> y = ln(torch.randn(2, 10, 64))
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    r"""Drop-in :class:`torch.nn.RMSNorm` running :func:`normscope.rms_norm`.
+
+    Same arguments as torch's (``normalized_shape, eps=None, elementwise_affine=True, device=None,
+    dtype=None``) plus a keyword-only ``weight_offset`` (default 0): the scale applied is
+    ``weight_offset + weight``, so Gemma-style modules that store ``weight`` around 0 and multiply
+    by ``1 + weight`` convert with their checkpoints unchanged.
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
+                 dtype=None, *, weight_offset: float = 0.0):
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.weight_offset = float(weight_offset)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        offset = getattr(self, "weight_offset", 0.0)
+        if weight is not None and offset != 0.0:
+            weight = weight + offset
+        return F.rms_norm(input, self.normalized_shape, weight, self.eps)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        offset = getattr(self, "weight_offset", 0.0)
+        return s + (f", weight_offset={offset}" if offset != 0.0 else "")
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One module that :func:`convert` replaced: its qualified name, old and new class names."""
+
+    name: str
+    original: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A normalization-like module that :func:`convert` left alone, and why."""
+
+    name: str
+    module: str
+    reason: str
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` did. Iterating or ``len()`` goes over the replacements."""
+
+    replaced: List[Replacement] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.replaced)
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+
+_SWAP = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
+
+
+def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def convert(
+    model: torch.nn.Module,
+    *,
+    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
+) -> ConvertResult:
+    """Replace normalization modules of ``model`` by normscope modules, in place.
+
+    Replaced: ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` (exactly those classes; the object is
+    kept and its class switched, so parameters, hooks and references stay valid) and Hugging Face
+    RMSNorm-style modules (``LlamaRMSNorm``, ``T5LayerNorm``, Gemma's ``1 + weight`` form, ...),
+    which are replaced by a :class:`RMSNorm` that shares the original ``weight`` Parameter after a
+    numerical probe confirms what the module computes. Weights, dtype, device, state-dict keys and
+    outputs (within the dtype's tolerance) are kept.
+
+    Args:
+        model: the model to convert in place.
+        filter_fn: optional ``filter_fn(module, qualified_name) -> bool``; modules for which it
+            returns False are left alone.
+
+    Returns:
+        A :class:`ConvertResult` listing each replacement and each skipped candidate with its reason.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        >>> [r.name for r in normscope.convert(model)]
+        ['1']
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
+    result = ConvertResult()
+    for name, module in list(model.named_modules()):
+        cls = type(module)
+        if isinstance(module, (LayerNorm, RMSNorm)):
+            continue
+        target = _SWAP.get(cls)
+        is_subclass = target is None and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+        if target is None and not is_subclass:
+            if not hasattr(module, "weight") or next(module.children(), None) is not None:
+                continue
+            if not (hasattr(module, "variance_epsilon") or hasattr(module, "eps")):
+                continue
+        if filter_fn is not None and not filter_fn(module, name):
+            result.skipped.append(Skipped(name, cls.__name__, "filter_fn returned False"))
+            continue
+        if is_subclass:
+            result.skipped.append(
+                Skipped(name, cls.__name__, "subclass of a torch norm with its own forward")
+            )
+            continue
+        if target is not None:
+            module.__class__ = target
+            if target is RMSNorm:
+                module.weight_offset = 0.0
+            result.replaced.append(Replacement(name, cls.__name__, target.__name__))
+            continue
+        style, reason = probe_rms_style(module)
+        if style is None:
+            result.skipped.append(Skipped(name, cls.__name__, reason))
+            continue
+        if not name:
+            raise ValueError(
+                f"Expected a model containing normalization layers, but got a bare {cls.__name__}; "
+                "wrap it in a container or use normscope.nn.RMSNorm directly"
+            )
+        weight = module.weight
+        new = RMSNorm(weight.shape[0], eps=style.eps, device=weight.device, dtype=weight.dtype,
+                      weight_offset=style.weight_offset)
+        new.weight = weight
+        new.train(module.training)
+        _set_submodule(model, name, new)
+        result.replaced.append(Replacement(name, cls.__name__, RMSNorm.__name__))
+    return result
