@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import OPS, as_tuple, make_aux
 
 import normscope
+from helpers import OPS, as_tuple, make_aux
 
 
 class Block(torch.nn.Module):

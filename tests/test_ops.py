@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import OPS, OPS_BY_NAME, as_tuple, assert_close, make_aux
 
 import normscope
+from helpers import OPS, OPS_BY_NAME, as_tuple, assert_close, make_aux
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

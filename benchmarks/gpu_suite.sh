@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU check, run on a CUDA machine from the repository root: environment, the CUDA test suite,
+# the device-to-device copy bandwidth and the kernel benchmarks. Results land under $OUT
+# (default ./gpu-results). Optional wheels for peers (e.g. liger-kernel) are taken from ./.whl.
+# Usage: OUT=results bash benchmarks/gpu_suite.sh [test-timeout-s] [bench-ops]
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+TEST_TIMEOUT=${1:-150}
+OPS=${2:-layer_norm,rms_norm,add_layer_norm,add_rms_norm,masked_layer_norm,masked_rms_norm}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NORMSCOPE_CACHE_DIR=/tmp/normscope-cache
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; python3 -m normscope env; } \
+  >"$OUT/env.txt" 2>&1
+timeout "$TEST_TIMEOUT" python3 -m pytest tests/cuda -q -p no:cacheprovider \
+  >"$OUT/tests.log" 2>&1
+echo "tests exit $?" >>"$OUT/tests.log"
+tail -3 "$OUT/tests.log"
+# One bench run per op so that a run cut short still returns the ops it finished.
+for op in ${OPS//,/ }; do
+  python3 -m normscope bench --device cuda --op "$op" --dtype bf16 --modes "${MODES:-forward,backward,full}" \
+    --providers "${PROVIDERS:-normscope,torch,torch_compile,liger,copy}" \
+    ${CSV:+--csv "$OUT/bench-$op.csv"} --markdown "$OUT/bench-$op.md" 2>>"$OUT/bench.err" >/dev/null
+  echo "bench $op exit $?"
+done
+tail -3 "$OUT/bench.err"

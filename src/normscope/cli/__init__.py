@@ -1,0 +1,56 @@
+"""The ``normscope`` command line (``normscope = "normscope.cli:main"``, or ``python -m normscope``).
+
+One module per subcommand, each exposing ``add_parser(subparsers)`` and ``run(args) -> int``:
+
+* ``normscope bench`` -- run the benchmark harness (:mod:`normscope.bench`) and print its tables;
+* ``normscope env`` -- versions, CUDA and the backend normscope would choose.
+
+Subcommand modules import nothing heavy at import time; ``import normscope`` never imports this
+package. Bad usage prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser", "ArgumentParser", "SUBCOMMANDS"]
+
+SUBCOMMANDS = ("bench", "env")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error message (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="normscope",
+        description="normscope: fast, exact layer normalization for PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"normscope.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, "command", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("normscope: interrupted", file=sys.stderr)
+        return 130
