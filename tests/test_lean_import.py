@@ -3,18 +3,33 @@
 import subprocess
 import sys
 
-HEAVY = ["triton", "onnx", "onnxruntime", "transformers", "prometheus_client", "tensorboard", "matplotlib"]
+HEAVY = ["triton", "onnx", "onnxruntime", "transformers", "prometheus_client", "tensorboard", "matplotlib",
+         "normscope.cli", "normscope.bench", "normscope.ops.triton_backend"]
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 
 
 def test_import_is_lean():
-    code = (
+    out = _run(
         "import sys, torch, normscope\n"
-        "x = torch.randn(4, 8)\n"
-        "normscope.layer_norm(x, 8); normscope.rms_norm(x, 8)\n"  # the CPU path stays lean too
-        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])\n"
         "print('CUDA_INIT', torch.cuda.is_initialized())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
+    assert "CUDA_INIT False" in out, out
+
+
+def test_cpu_ops_do_not_load_the_triton_backend_or_cuda():
+    # Calling a torch.library custom op makes torch import its own compiler stack (which may import
+    # triton when installed); what normscope controls is that its GPU backend stays unloaded.
+    out = _run(
+        "import sys, torch, normscope\n"
+        "x = torch.randn(4, 8, requires_grad=True)\n"
+        "normscope.layer_norm(x, 8).sum().backward(); normscope.rms_norm(x, 8)\n"
+        "print('TRITON_BACKEND', 'normscope.ops.triton_backend' in sys.modules)\n"
+        "print('CUDA_INIT', torch.cuda.is_initialized())\n"
+    )
+    assert "TRITON_BACKEND False" in out, out
     assert "CUDA_INIT False" in out, out
