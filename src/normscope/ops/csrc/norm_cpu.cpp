@@ -1,0 +1,905 @@
+// normscope CPU kernels: LayerNorm / RMSNorm forward and backward on row-major (M, N) problems.
+//
+// Built on first use by normscope/ops/cpu_backend.py with the system C++ compiler
+// (c++ -O3 -march=native -fopenmp -shared -fPIC) and called through ctypes; no torch headers.
+//
+// Numerics. Accumulation in A = float (double for float64 problems). LayerNorm centering is the
+// reference's shifted two-pass form, with s the row's first valid element (0 for a row without):
+//     d = sum(x - s) / count,   c = (x - s) - d,   var = sum(c * c) / count,   mean = s + d
+// (x - s is exact for a row with mean 1e4 and standard deviation 1e-3, a float32 mean is not);
+// backward recomputes s and d from x instead of using the rounded mean. Never E[x^2] - E[x]^2.
+// No -ffast-math: only reductions are reassociated, into a fixed number of lanes combined in a
+// fixed tree, so each row's result depends on N alone -- bitwise reproducible and independent of
+// the thread count. dw / db are summed per chunk of rows (the chunking is
+// chosen by the caller from M and N only), then over the chunks in order.
+//
+// Speed. Rows are split over OpenMP threads (the libgomp torch already loaded). Each row is read
+// from memory once; the later passes hit L1/L2. While a row's output is written, the next row's
+// inputs are prefetched. Large outputs are written with non-temporal stores (no read for
+// ownership), so a forward moves 2 instead of 3 bytes of memory per byte of output.
+//
+// Size. Row kernels are templated on A; inputs of other dtypes are converted into a per-thread A
+// row (fused into the first pass for 16-bit inputs) and outputs converted on store (fused for the
+// usual dtypes), by helpers picked at run time. Every dtype combination works with few
+// instantiations, which keeps the build to a few seconds.
+//
+// dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16.
+
+// Only small C headers (no <immintrin.h>, <cmath>, ...): parsing them is most of a build.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+template <class X, class Y>
+constexpr bool same_v = false;
+template <class X>
+constexpr bool same_v<X, X> = true;
+template <class P>
+struct remove_ptr {};
+template <class X>
+struct remove_ptr<X*> {
+  using type = X;
+};
+static inline float sqrt_(float v) { return __builtin_sqrtf(v); }
+static inline double sqrt_(double v) { return __builtin_sqrt(v); }
+
+struct bf16 {
+  uint16_t v;
+};
+using f16 = _Float16;
+
+// ---- element conversion ---------------------------------------------------------------------
+template <class A>
+static inline A ld(const float* p, int64_t j) { return (A)p[j]; }
+template <class A>
+static inline A ld(const double* p, int64_t j) { return (A)p[j]; }
+template <class A>
+static inline A ld(const f16* p, int64_t j) { return (A)(float)p[j]; }
+template <class A>
+static inline A ld(const bf16* p, int64_t j) {
+  uint32_t u = (uint32_t)p[j].v << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return (A)f;
+}
+
+// float -> bfloat16 bits in the high half of a uint32 (low half zero): round to nearest even; a
+// NaN stays a NaN (quiet, sign and high payload kept).
+static inline uint32_t bf_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  const uint32_t v = f != f ? (u | 0x400000u) : rounded;
+  return v & 0xffff0000u;
+}
+static inline uint16_t f2bf(float f) { return (uint16_t)(bf_bits(f) >> 16); }
+static inline void st(float* p, int64_t j, float v) { p[j] = v; }
+static inline void st(float* p, int64_t j, double v) { p[j] = (float)v; }
+static inline void st(double* p, int64_t j, double v) { p[j] = v; }
+static inline void st(double* p, int64_t j, float v) { p[j] = (double)v; }
+static inline void st(f16* p, int64_t j, float v) { p[j] = (f16)v; }
+static inline void st(f16* p, int64_t j, double v) { p[j] = (f16)(float)v; }
+static inline void st(bf16* p, int64_t j, float v) { p[j].v = f2bf(v); }
+static inline void st(bf16* p, int64_t j, double v) { p[j].v = f2bf((float)v); }
+
+// Stores v rounded to T at d[l] and returns the stored value as A.
+template <class T, class A>
+static inline A put_round(T* d, int64_t l, A v) {
+  st(d, l, v);
+  return ld<A>(d, l);
+}
+static inline float put_round(bf16* d, int64_t l, float v) {
+  const uint32_t b = bf_bits(v);
+  d[l].v = (uint16_t)(b >> 16);
+  float r;
+  memcpy(&r, &b, 4);
+  return r;
+}
+
+static inline int64_t dsize(int code) { return code == 1 ? 8 : code == 0 ? 4 : 2; }
+
+template <class F>
+static bool with_type(int code, F&& f) {
+  switch (code) {
+    case 0: f((float*)nullptr); return true;
+    case 1: f((double*)nullptr); return true;
+    case 2: f((bf16*)nullptr); return true;
+    case 3: f((f16*)nullptr); return true;
+  }
+  return false;
+}
+template <class P>
+using elem_t = typename remove_ptr<P>::type;
+
+template <class A>
+constexpr int code_of() { return same_v<A, double> ? 1 : 0; }
+
+// Per-thread scratch row, 64-byte aligned (null when n == 0).
+template <class A>
+struct Scratch {
+  A* p = nullptr;
+  explicit Scratch(int64_t n) {
+    if (n > 0) p = (A*)aligned_alloc(64, ((size_t)n * sizeof(A) + 63) / 64 * 64);
+  }
+  ~Scratch() { free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// ---- reductions into a fixed set of lanes ---------------------------------------------------
+// 128 bytes of lanes (4 AVX2 vectors) break the add-latency chain; the lanes are combined in a
+// fixed tree, so a sum depends only on n.
+template <class A>
+constexpr int kLanes = 128 / sizeof(A);
+
+// 0, in a form the compiler cannot see as a constant: a zero-initialised lane array would become a
+// `rep stosb` memset, which costs more per row than the vector stores this gives.
+static inline int64_t opaque_zero(int64_t n) { return n < 0 ? 1 : 0; }
+
+template <class A, class F>
+static inline A lane_sum(int64_t n, F&& f) {
+  constexpr int L = kLanes<A>;
+  A acc[L];
+  const A zero = (A)opaque_zero(n);
+  for (int l = 0; l < L; ++l) acc[l] = zero;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) acc[l] += f(j + l);
+  }
+  // Tail: scalar (`if (0)`: not worth vectorizing, and cheaper to compile).
+#pragma omp simd if (0)
+  for (int l = 0; l < (int)(n - j); ++l) acc[l] += f(j + l);
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// ---- prefetching the next row, streaming stores ---------------------------------------------
+
+// Up to three byte ranges (the next row of each input), prefetched a few lines per step.
+struct Prefetch {
+  const char* p[3] = {nullptr, nullptr, nullptr};
+  const char* e[3] = {nullptr, nullptr, nullptr};
+  unsigned n = 0, cur = 0;
+  int64_t per = 0;
+  void add(const void* ptr, int64_t bytes) {
+    if (ptr && bytes > 0 && n < 3) {
+      p[n] = (const char*)ptr;
+      e[n] = p[n] + bytes;
+      ++n;
+    }
+  }
+  // Spread the lines over `steps` calls of step().
+  void plan(int64_t steps) {
+    int64_t lines = 0;
+    for (unsigned i = 0; i < n; ++i) lines += (e[i] - p[i] + 63) / 64;
+    steps = steps > 0 ? steps : 1;
+    per = (lines + steps - 1) / steps;
+  }
+  inline void step() {
+    for (int64_t q = 0; q < per; ++q) {
+      if (cur >= n || cur >= 3) return;
+      __builtin_prefetch(p[cur], 0, 3);
+      p[cur] += 64;
+      if (p[cur] >= e[cur]) ++cur;
+    }
+  }
+};
+
+#if defined(__AVX__) && defined(__GNUC__) && !defined(__clang__)
+// GCC's builtins behind _mm256_stream_si256 / _mm_sfence.
+typedef long long v4di __attribute__((vector_size(32)));
+static constexpr bool kCanStream = true;
+static inline void stream128(void* dst, const void* src) {
+  for (int off = 0; off < 128; off += 32) {
+    v4di v;
+    memcpy(&v, (const char*)src + off, 32);
+    __builtin_ia32_movntdq256((v4di*)((char*)dst + off), v);
+  }
+}
+static inline void stream_fence() { __builtin_ia32_sfence(); }
+#elif defined(__AVX__) && defined(__clang__)
+typedef long long v4di __attribute__((vector_size(32)));
+static constexpr bool kCanStream = true;
+static inline void stream128(void* dst, const void* src) {
+  for (int off = 0; off < 128; off += 32) {
+    v4di v;
+    memcpy(&v, (const char*)src + off, 32);
+    __builtin_nontemporal_store(v, (v4di*)((char*)dst + off));
+  }
+}
+static inline void stream_fence() { __builtin_ia32_sfence(); }
+#else
+static constexpr bool kCanStream = false;
+static inline void stream128(void* dst, const void* src) { memcpy(dst, src, 128); }
+static inline void stream_fence() {}
+#endif
+
+// Writes a row of n values of dtype O: put(d, l, j) stores element j at d[l] (d + l is y + j,
+// or a staging block). With `nt`, 128-byte blocks go out as non-temporal stores. pf.step() runs
+// once per block.
+template <class O, class Put>
+static inline void write_row(O* y, int64_t n, bool nt, Prefetch& pf, Put&& put) {
+  constexpr int B = 128 / sizeof(O);
+  pf.plan(n / B);
+  int64_t j = 0;
+  if (kCanStream && nt) {
+    const int64_t head = (int64_t)(((32 - ((uintptr_t)y & 31)) & 31) / sizeof(O));
+    const int64_t h = head < n ? head : n;
+#pragma omp simd if (0)
+    for (int64_t q = 0; q < h; ++q) put(y, q, q);
+    j = h;
+    if (((uintptr_t)(y + j) & 31) == 0) {
+      alignas(64) O tmp[B];
+      for (; j + B <= n; j += B) {
+#pragma omp simd
+        for (int l = 0; l < B; ++l) put(tmp, l, j + l);
+        stream128(y + j, tmp);
+        pf.step();
+      }
+    }
+  } else {
+    for (; j + B <= n; j += B) {
+#pragma omp simd
+      for (int l = 0; l < B; ++l) put(y, j + l, j + l);
+      pf.step();
+    }
+  }
+#pragma omp simd if (0)
+  for (int64_t q = j; q < n; ++q) put(y, q, q);
+}
+
+// write_row for y[j] = f(j) converted to O.
+template <class O, class F>
+static inline void write_vals(O* y, int64_t n, bool nt, Prefetch& pf, F&& f) {
+  write_row<O>(y, n, nt, pf, [&](O* d, int64_t l, int64_t j) { st(d, l, f(j)); });
+}
+
+// ---- generic per-dtype helpers --------------------------------------------------------------
+template <class T, class A>
+static void cvt_in(const void* s, A* d, int64_t n) {
+  const T* p = (const T*)s;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) d[j] = ld<A>(p, j);
+}
+template <class T, class A>
+static void cvt_out(const A* s, void* d, int64_t n) {
+  T* p = (T*)d;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) st(p, j, s[j]);
+}
+template <class TX, class TR, class A>
+static void add2(const void* xv, const void* rv, A* d, int64_t n) {
+  const TX* x = (const TX*)xv;
+  const TR* r = (const TR*)rv;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) d[j] = ld<A>(x, j) + ld<A>(r, j);
+}
+// h = T(buf); buf = A(h)
+template <class T, class A>
+static void round_store(A* b, void* hv, int64_t n) {
+  T* h = (T*)hv;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    st(h, j, b[j]);
+    b[j] = ld<A>(h, j);
+  }
+}
+
+template <class A>
+using cvt_in_t = void (*)(const void*, A*, int64_t);
+template <class A>
+using cvt_out_t = void (*)(const A*, void*, int64_t);
+template <class A>
+using add2_t = void (*)(const void*, const void*, A*, int64_t);
+template <class A>
+using round_t = void (*)(A*, void*, int64_t);
+
+template <class A>
+static cvt_in_t<A> pick_cvt_in(int t) {
+  cvt_in_t<A> f = nullptr;
+  with_type(t, [&](auto* p) { f = &cvt_in<elem_t<decltype(p)>, A>; });
+  return f;
+}
+template <class A>
+static cvt_out_t<A> pick_cvt_out(int t) {
+  cvt_out_t<A> f = nullptr;
+  with_type(t, [&](auto* p) { f = &cvt_out<elem_t<decltype(p)>, A>; });
+  return f;
+}
+template <class A>
+static round_t<A> pick_round(int t) {
+  round_t<A> f = nullptr;
+  with_type(t, [&](auto* p) { f = &round_store<elem_t<decltype(p)>, A>; });
+  return f;
+}
+// x, r dtype pairs whose accumulation dtype is A (double iff either is float64).
+template <class A>
+static add2_t<A> pick_add2(int tx, int tr) {
+  add2_t<A> f = nullptr;
+  if ((tx == 1 || tr == 1) != same_v<A, double>) return nullptr;
+  with_type(tx, [&](auto* px) {
+    with_type(tr, [&](auto* pr) {
+      using TX = elem_t<decltype(px)>;
+      using TR = elem_t<decltype(pr)>;
+      if constexpr ((same_v<TX, double> || same_v<TR, double>) ==
+                    same_v<A, double>)
+        f = &add2<TX, TR, A>;
+    });
+  });
+  return f;
+}
+
+// Dtypes with fused conversion: float32 / bfloat16 rows with float accumulation, float64 rows
+// with double accumulation. Others go through cvt_in / cvt_out and an A row (float16 gains nothing
+// from fusing: GCC converts it one element at a time).
+template <class A, class G>
+static bool with_fused_type(int code, G&& g) {
+  if constexpr (same_v<A, float>) {
+    switch (code) {
+      case 0: g((float*)nullptr); return true;
+      case 2: g((bf16*)nullptr); return true;
+    }
+  } else {
+    if (code == 1) {
+      g((double*)nullptr);
+      return true;
+    }
+  }
+  return false;
+}
+
+// ---- forward --------------------------------------------------------------------------------
+
+// First statistics pass over a row of dtype T, copying it into buf as A when T != A. Returns
+// sum(x - k) with k = x[0] (LayerNorm) or sum(x^2) (RMSNorm).
+template <class T, class A, bool RMS>
+static A pass1(const void* src, A* buf, A* k_out, int64_t n) {
+  const T* x = (const T*)src;
+  const A k = RMS ? (A)0 : ld<A>(x, 0);
+  *k_out = k;
+  if constexpr (same_v<T, A>) {
+    if constexpr (RMS)
+      return lane_sum<A>(n, [&](int64_t j) { return x[j] * x[j]; });
+    else
+      return lane_sum<A>(n, [&](int64_t j) { return x[j] - k; });
+  } else {
+    return lane_sum<A>(n, [&](int64_t j) {
+      const A v = ld<A>(x, j);
+      buf[j] = v;
+      if constexpr (RMS)
+        return v * v;
+      else
+        return v - k;
+    });
+  }
+}
+
+// Residual rows with x, r and h of dtype T: writes h = T(A(x) + A(r)) (streamed when nt and the
+// row is 32-byte aligned), sets buf = A(h) and returns the first statistics pass over it, as
+// pass1, in the same sweep. Lanes follow the element index (j % L) whatever the alignment.
+template <class T, class A, bool RMS>
+static A pass1_h(const void* xv, const void* rv, void* hv, A* buf, A* k_out, int64_t n, bool nt) {
+  const T* x = (const T*)xv;
+  const T* r = (const T*)rv;
+  T* h = (T*)hv;
+  constexpr int B = 128 / sizeof(T);
+  constexpr int L = kLanes<A>;
+  static_assert(B % L == 0, "a block holds whole lane groups");
+  T t0[1];
+  const A k = RMS ? (A)0 : put_round(t0, 0, ld<A>(x, 0) + ld<A>(r, 0));
+  *k_out = k;
+  A acc[L];
+  const A zero = (A)opaque_zero(n);
+  for (int l = 0; l < L; ++l) acc[l] = zero;
+  auto stat = [&](A v) {
+    if constexpr (RMS)
+      return v * v;
+    else
+      return v - k;
+  };
+  const bool stream = kCanStream && nt && ((uintptr_t)h & 31) == 0;
+  alignas(64) T tmp[B];
+  int64_t j = 0;
+  for (; j + B <= n; j += B) {
+    T* d = stream ? tmp : h + j;
+    for (int g = 0; g < B; g += L) {
+#pragma omp simd
+      for (int l = 0; l < L; ++l) {
+        const A v = put_round(d, g + l, ld<A>(x, j + g + l) + ld<A>(r, j + g + l));
+        buf[j + g + l] = v;
+        acc[l] += stat(v);
+      }
+    }
+    if (stream) stream128(h + j, tmp);
+  }
+#pragma omp simd if (0)
+  for (int64_t q = j; q < n; ++q) {
+    const A v = put_round(h, q, ld<A>(x, q) + ld<A>(r, q));
+    buf[q] = v;
+    acc[q % L] += stat(v);
+  }
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// y = (((x - s) - d) * rstd) * w + b in dtype O (w, b never null: ones / zeros when absent; s, d
+// are 0 for RMS).
+template <class A, class O>
+static void out_row(const A* x, void* yv, const A* w, const A* b, A s, A d, A rstd, int64_t n,
+                    bool nt, Prefetch& pf) {
+  write_vals<O>((O*)yv, n, nt, pf,
+                [&](int64_t j) { return (((x[j] - s) - d) * rstd) * w[j] + b[j]; });
+}
+
+template <class A>
+using pass1_t = A (*)(const void*, A*, A*, int64_t);
+template <class A>
+using pass1h_t = A (*)(const void*, const void*, void*, A*, A*, int64_t, bool);
+template <class A>
+using out_t = void (*)(const A*, void*, const A*, const A*, A, A, A, int64_t, bool, Prefetch&);
+
+// Shift of a masked row: its first valid element (0 when it has none); sets *first.
+template <class A>
+static inline A mask_shift(const A* x, const uint8_t* m, int64_t n, int64_t* first) {
+  int64_t f = 0;
+  while (f < n && !m[f]) ++f;
+  *first = f;
+  return f < n ? x[f] : (A)0;
+}
+
+// Statistics over elements with m[j] != 0: shift s, d, rstd (a row without any: 0, 0, 0).
+template <class A>
+static void stats_masked(const A* x, const uint8_t* m, int64_t n, A eps, bool rms, A& s, A& d,
+                         A& rstd) {
+  int64_t first;
+  const A k = mask_shift(x, m, n, &first);
+  s = d = rstd = 0;
+  if (first == n) return;
+  int64_t cnt = 0;
+  for (int64_t j = first; j < n; ++j) cnt += m[j] ? 1 : 0;
+  const A denom = (A)cnt;
+  if (rms) {
+    const A ss = lane_sum<A>(n, [&](int64_t j) { return m[j] ? x[j] * x[j] : (A)0; });
+    rstd = (A)1 / sqrt_(ss / denom + eps);
+    return;
+  }
+  s = k;
+  d = lane_sum<A>(n, [&](int64_t j) { return m[j] ? x[j] - k : (A)0; }) / denom;
+  const A dd = d;
+  const A ss = lane_sum<A>(n, [&](int64_t j) {
+    const A c = (x[j] - k) - dd;
+    return m[j] ? c * c : (A)0;
+  });
+  rstd = (A)1 / sqrt_(ss / denom + eps);
+}
+
+template <class A>
+struct FwdArgs {
+  int tin, tout, tx, tr;
+  void* in;  // x (dtype tin), or h (dtype tin) written here when r != nullptr
+  const void* x;
+  const void* r;
+  const uint8_t* mask;
+  const A* w;  // ones when absent
+  const A* b;  // zeros when absent
+  void* y;
+  A* mean;
+  A* rstd;
+  int64_t M, N;
+  A eps;
+  bool rms, stream, prefetch;
+  int nt;
+};
+
+template <class A, bool RMS>
+static void pick_pass1(int t, pass1_t<A>& p1, pass1h_t<A>& p1h, pass1_t<A>& p1a) {
+  with_fused_type<A>(t, [&](auto* p) {
+    p1 = &pass1<elem_t<decltype(p)>, A, RMS>;
+    p1h = &pass1_h<elem_t<decltype(p)>, A, RMS>;
+  });
+  p1a = &pass1<A, A, RMS>;
+}
+
+template <class A>
+static int fwd_impl(const FwdArgs<A>& a) {
+  const bool RMS = a.rms;
+  const int ca = code_of<A>();
+  const int64_t N = a.N;
+  const int64_t sin = dsize(a.tin), sx = dsize(a.tx), sr = dsize(a.tr), so = dsize(a.tout);
+  pass1_t<A> p1 = nullptr, p1a = nullptr;
+  pass1h_t<A> p1h = nullptr;
+  if (RMS)
+    pick_pass1<A, true>(a.tin, p1, p1h, p1a);
+  else
+    pick_pass1<A, false>(a.tin, p1, p1h, p1a);
+  out_t<A> outf = nullptr;
+  with_fused_type<A>(a.tout, [&](auto* p) { outf = &out_row<A, elem_t<decltype(p)>>; });
+  const out_t<A> outa = &out_row<A, A>;
+  const cvt_in_t<A> cin = pick_cvt_in<A>(a.tin);
+  const cvt_out_t<A> cout = pick_cvt_out<A>(a.tout);
+  const round_t<A> rnd = pick_round<A>(a.tin);
+  const add2_t<A> add = a.r ? pick_add2<A>(a.tx, a.tr) : nullptr;
+  if (!cin || !cout || !rnd || (a.r && !add)) return -1;
+  const bool nt = a.stream && kCanStream;
+  const bool fused_add = a.r && a.tx == a.tin && a.tr == a.tin;
+#pragma omp parallel num_threads(a.nt) if (a.nt > 1)
+  {
+    Scratch<A> buf(N), obuf(outf && !a.mask ? 0 : N);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.M; ++i) {
+      char* in_i = (char*)a.in + i * N * sin;
+      const A* src = buf.p;
+      A k = 0, s = 0, d = 0, rstd;
+      if (a.r) {
+        const char* x_i = (const char*)a.x + i * N * sx;
+        const char* r_i = (const char*)a.r + i * N * sr;
+        if (p1h && fused_add && !a.mask) {
+          s = p1h(x_i, r_i, in_i, buf.p, &k, N, nt);
+        } else if (a.mask) {
+          add(x_i, r_i, buf.p, N);
+          rnd(buf.p, in_i, N);
+        } else {
+          add(x_i, r_i, buf.p, N);
+          rnd(buf.p, in_i, N);
+          s = p1a(buf.p, nullptr, &k, N);
+        }
+      } else if (a.mask) {
+        if (a.tin == ca)
+          src = (const A*)in_i;
+        else
+          cin(in_i, buf.p, N);
+      } else if (a.tin == ca) {
+        src = (const A*)in_i;
+        s = p1a(in_i, nullptr, &k, N);
+      } else if (p1) {
+        s = p1(in_i, buf.p, &k, N);
+      } else {
+        cin(in_i, buf.p, N);
+        s = p1a(buf.p, nullptr, &k, N);
+      }
+      Prefetch pf;
+      if (a.prefetch && i + 1 < a.M) {
+        if (a.r) {
+          pf.add((const char*)a.x + (i + 1) * N * sx, N * sx);
+          pf.add((const char*)a.r + (i + 1) * N * sr, N * sr);
+        } else {
+          pf.add((const char*)a.in + (i + 1) * N * sin, N * sin);
+        }
+      }
+      char* y_i = (char*)a.y + i * N * so;
+      if (a.mask) {
+        const uint8_t* m = a.mask + i * N;
+        stats_masked<A>(src, m, N, a.eps, RMS, k, d, rstd);
+        A* o = a.tout == ca ? (A*)y_i : obuf.p;
+        const A* w = a.w;
+        const A* b = a.b;
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) {
+          const A v = (((src[j] - k) - d) * rstd) * w[j] + b[j];
+          o[j] = m[j] ? v : (A)0;
+        }
+        if (a.tout != ca) cout(o, y_i, N);
+      } else {
+        if (RMS) {
+          rstd = (A)1 / sqrt_(s / (A)N + a.eps);
+        } else {
+          d = s / (A)N;
+          const A kk = k, dd = d;
+          const A ss = lane_sum<A>(N, [&](int64_t j) {
+            const A c = (src[j] - kk) - dd;
+            return c * c;
+          });
+          rstd = (A)1 / sqrt_(ss / (A)N + a.eps);
+        }
+        if (outf) {
+          outf(src, y_i, a.w, a.b, k, d, rstd, N, nt, pf);
+        } else {
+          outa(src, obuf.p, a.w, a.b, k, d, rstd, N, false, pf);
+          cout(obuf.p, y_i, N);
+        }
+      }
+      if (a.mean) a.mean[i] = k + d;
+      a.rstd[i] = rstd;
+    }
+    if (nt) stream_fence();
+  }
+  return 0;
+}
+
+// ---- backward -------------------------------------------------------------------------------
+//
+// xhat = ((x - s) - d) * rstd with s, d recomputed from x as in forward, g0 = dy, g = g0 * w (all
+// 0 where masked), <.> the mean over valid elements:
+//   dx = rstd * (g - <g> - xhat * <g xhat>) [+ dh]      (RMS: s = d = 0 and no <g> term)
+//   dw += g0 * xhat, db += g0, into the current chunk's partial rows.
+
+template <class A, bool DW, bool DB>
+static void bwd_sums(const A* x, const A* dy, const A* w, A s, A d, A rstd, int64_t n, A* pw,
+                     A* pb, A* s1, A* s2) {
+  // Two sums in one sweep: lanes by hand (lane_sum returns one value).
+  constexpr int L = kLanes<A>;
+  A a1[L], a2[L];
+  const A zero = (A)opaque_zero(n);
+  for (int l = 0; l < L; ++l) a1[l] = a2[l] = zero;
+  auto body = [&](int64_t j, int l) {
+    const A xh = ((x[j] - s) - d) * rstd;
+    const A g0 = dy[j];
+    const A g = g0 * w[j];
+    if constexpr (DW) pw[j] += g0 * xh;
+    if constexpr (DB) pb[j] += g0;
+    a1[l] += g;
+    a2[l] += g * xh;
+  };
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) body(j + l, l);
+  }
+#pragma omp simd if (0)
+  for (int l = 0; l < (int)(n - j); ++l) body(j + l, l);
+  for (int wd = L / 2; wd > 0; wd /= 2)
+    for (int l = 0; l < wd; ++l) {
+      a1[l] += a1[l + wd];
+      a2[l] += a2[l + wd];
+    }
+  *s1 = a1[0];
+  *s2 = a2[0];
+}
+
+template <class A>
+using sums_t = void (*)(const A*, const A*, const A*, A, A, A, int64_t, A*, A*, A*, A*);
+
+// dx = rstd * (g - c1 - xhat * c2) + dh in dtype O (w: ones when absent; dh: zeros).
+template <class A, class O>
+static void bwd_dx(const A* x, const A* dy, const A* w, const A* dh, void* dxv, A s, A d, A rstd,
+                   A c1, A c2, int64_t n, bool nt, Prefetch& pf) {
+  write_vals<O>((O*)dxv, n, nt, pf, [&](int64_t j) {
+    const A xh = ((x[j] - s) - d) * rstd;
+    return rstd * (dy[j] * w[j] - c1 - xh * c2) + dh[j];
+  });
+}
+
+template <class A>
+using dx_t = void (*)(const A*, const A*, const A*, const A*, void*, A, A, A, A, A, int64_t, bool,
+                      Prefetch&);
+
+// Masked rows: sums over valid elements; pw, pb may be null.
+template <class A>
+static void bwd_sums_masked(const A* x, const A* dy, const uint8_t* m, const A* w, A s, A d,
+                            A rstd, int64_t n, A* pw, A* pb, A* s1, A* s2) {
+  auto xh = [&](int64_t j) { return m[j] ? ((x[j] - s) - d) * rstd : (A)0; };
+  auto g0 = [&](int64_t j) { return m[j] ? dy[j] : (A)0; };
+  if (pw) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) pw[j] += g0(j) * xh(j);
+  }
+  if (pb) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) pb[j] += g0(j);
+  }
+  auto g = [&](int64_t j) { return g0(j) * w[j]; };
+  *s1 = lane_sum<A>(n, g);
+  *s2 = lane_sum<A>(n, [&](int64_t j) { return g(j) * xh(j); });
+}
+
+template <class A>
+static void bwd_dx_masked(const A* x, const A* dy, const uint8_t* m, const A* w, const A* dh,
+                          A* dx, A s, A d, A rstd, A c1, A c2, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const A xh = ((x[j] - s) - d) * rstd;
+    const A v = m[j] ? rstd * (dy[j] * w[j] - c1 - xh * c2) : (A)0;
+    dx[j] = v + dh[j];
+  }
+}
+
+template <class A>
+struct BwdArgs {
+  int tdy, txn, tdh, tdx;
+  const void* dy;
+  const void* dh;
+  const void* x;
+  const uint8_t* mask;
+  const A* w;
+  const A* mean;
+  const A* rstd;
+  void* dx;
+  A* pw;
+  A* pb;
+  A* dw;
+  A* db;
+  int64_t M, N, R;
+  bool rms, stream, prefetch;
+  int nt;
+};
+
+template <class A>
+static int bwd_impl(const BwdArgs<A>& a) {
+  const bool DW = a.dw != nullptr, DB = a.db != nullptr;
+  const sums_t<A> sums = DW ? (DB ? &bwd_sums<A, true, true> : &bwd_sums<A, true, false>)
+                            : (DB ? &bwd_sums<A, false, true> : &bwd_sums<A, false, false>);
+  const int ca = code_of<A>();
+  const int64_t N = a.N, M = a.M, R = a.R;
+  const int64_t K = (M + R - 1) / R;
+  const int64_t sdy = dsize(a.tdy), sxn = dsize(a.txn), sdh = dsize(a.tdh), sdx = dsize(a.tdx);
+  const cvt_in_t<A> cin_x = pick_cvt_in<A>(a.txn);
+  const cvt_in_t<A> cin_dy = pick_cvt_in<A>(a.tdy);
+  const cvt_in_t<A> cin_dh = pick_cvt_in<A>(a.dh ? a.tdh : ca);
+  const cvt_out_t<A> cout = pick_cvt_out<A>(a.tdx);
+  if (!cin_x || !cin_dy || !cin_dh || !cout) return -1;
+  dx_t<A> dxf = nullptr;
+  with_fused_type<A>(a.tdx, [&](auto* p) { dxf = &bwd_dx<A, elem_t<decltype(p)>>; });
+  const dx_t<A> dxa = &bwd_dx<A, A>;
+  const bool nt = a.stream && kCanStream;
+  const bool need_bo = a.mask ? a.tdx != ca : dxf == nullptr;
+#pragma omp parallel num_threads(a.nt) if (a.nt > 1)
+  {
+    Scratch<A> bx(a.txn == ca ? 0 : N), bdy(a.tdy == ca ? 0 : N);
+    Scratch<A> bdh(a.dh && a.tdh != ca ? N : 0), bo(need_bo ? N : 0), zero(a.dh ? 0 : N);
+    if (zero.p) memset(zero.p, 0, sizeof(A) * N);
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) {
+      A* cw = DW ? a.pw + k * N : nullptr;
+      A* cb = DB ? a.pb + k * N : nullptr;
+      if (DW) memset(cw, 0, sizeof(A) * N);
+      if (DB) memset(cb, 0, sizeof(A) * N);
+      const int64_t i1 = (k + 1) * R < M ? (k + 1) * R : M;
+      for (int64_t i = k * R; i < i1; ++i) {
+        const void* x_i = (const char*)a.x + i * N * sxn;
+        const void* dy_i = (const char*)a.dy + i * N * sdy;
+        const void* dh_i = a.dh ? (const char*)a.dh + i * N * sdh : nullptr;
+        void* dx_i = (char*)a.dx + i * N * sdx;
+        const A* x = (const A*)x_i;
+        if (a.txn != ca) cin_x(x_i, bx.p, N), x = bx.p;
+        const A* dy = (const A*)dy_i;
+        if (a.tdy != ca) cin_dy(dy_i, bdy.p, N), dy = bdy.p;
+        const A* dh = dh_i ? (const A*)dh_i : zero.p;
+        if (dh_i && a.tdh != ca) cin_dh(dh_i, bdh.p, N), dh = bdh.p;
+        const A rstd = a.rstd[i];
+        const uint8_t* m = a.mask ? a.mask + i * N : nullptr;
+        // Recompute the forward's centering: shift s and d = mean(x - s) over valid elements.
+        A s = 0, d = 0, denom = (A)N;
+        if (m) {
+          int64_t first, cnt = 0;
+          const A k = mask_shift(x, m, N, &first);
+          for (int64_t j = first; j < N; ++j) cnt += m[j] ? 1 : 0;
+          denom = cnt > 0 ? (A)cnt : (A)1;
+          if (!a.rms) {
+            s = k;
+            d = lane_sum<A>(N, [&](int64_t j) { return m[j] ? x[j] - k : (A)0; }) / denom;
+          }
+        } else if (!a.rms) {
+          const A k = x[0];
+          s = k;
+          d = lane_sum<A>(N, [&](int64_t j) { return x[j] - k; }) / denom;
+        }
+        Prefetch pf;
+        if (a.prefetch && i + 1 < M) {
+          pf.add((const char*)x_i + N * sxn, N * sxn);
+          pf.add((const char*)dy_i + N * sdy, N * sdy);
+          if (dh_i) pf.add((const char*)dh_i + N * sdh, N * sdh);
+        }
+        A s1, s2;
+        if (m) {
+          bwd_sums_masked<A>(x, dy, m, a.w, s, d, rstd, N, cw, cb, &s1, &s2);
+          const A c1 = a.rms ? (A)0 : s1 / denom;
+          A* o = a.tdx == ca ? (A*)dx_i : bo.p;
+          bwd_dx_masked<A>(x, dy, m, a.w, dh, o, s, d, rstd, c1, s2 / denom, N);
+          if (a.tdx != ca) cout(o, dx_i, N);
+        } else {
+          sums(x, dy, a.w, s, d, rstd, N, cw, cb, &s1, &s2);
+          const A c1 = a.rms ? (A)0 : s1 / denom;
+          const A c2 = s2 / denom;
+          if (dxf) {
+            dxf(x, dy, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf);
+          } else {
+            dxa(x, dy, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf);
+            cout(bo.p, dx_i, N);
+          }
+        }
+      }
+    }
+    if (nt) stream_fence();
+    if (DW || DB) {
+      // Column-parallel sum of the chunk partials, in chunk order (the implicit barrier of the
+      // loop above makes every partial visible).
+      const int64_t C = 512;
+#pragma omp for schedule(static)
+      for (int64_t c0 = 0; c0 < N; c0 += C) {
+        const int64_t c1 = c0 + C < N ? c0 + C : N;
+        for (int pass = 0; pass < 2; ++pass) {
+          if ((pass == 0 && !DW) || (pass == 1 && !DB)) continue;
+          const A* p = pass == 0 ? a.pw : a.pb;
+          A* o = pass == 0 ? a.dw : a.db;
+          for (int64_t j = c0; j < c1; ++j) o[j] = p[j];
+          for (int64_t kk = 1; kk < K; ++kk) {
+            const A* q = p + kk * N;
+#pragma omp simd
+            for (int64_t j = c0; j < c1; ++j) o[j] += q[j];
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// ---- entry points ---------------------------------------------------------------------------
+//
+// They take their arguments packed in an int64 array (pointers as integers, 0 for null): one
+// ctypes argument instead of twenty keeps the per-call overhead down.
+//
+// The build compiles this file twice, in parallel: NS_PART=0 holds the float-accumulation kernels
+// and the exported entry points, NS_PART=1 the double-accumulation kernels (float64 problems).
+// Without NS_PART one compile holds both.
+
+template <class A>
+static int fwd_entry(const int64_t* a, double eps) {
+  auto P = [&](int k) { return (void*)(uintptr_t)a[k]; };
+  const int64_t M = a[14], N = a[15];
+  if (!P(9) || !P(10) || !P(5) || !P(11) || !P(13) || N < 1 || M < 0) return -2;
+  FwdArgs<A> f{(int)a[0], (int)a[1], (int)a[2], (int)a[3], P(5), P(6), P(7),
+               (const uint8_t*)P(8), (const A*)P(9), (const A*)P(10), P(11), (A*)P(12),
+               (A*)P(13), M, N, (A)eps, a[16] != 0, (a[17] & 1) != 0, (a[17] & 2) != 0,
+               (int)a[18]};
+  return fwd_impl<A>(f);
+}
+
+template <class A>
+static int bwd_entry(const int64_t* a) {
+  auto P = [&](int k) { return (void*)(uintptr_t)a[k]; };
+  const int64_t M = a[17], N = a[18], R = a[19];
+  if (!P(5) || !P(7) || !P(9) || !P(11) || !P(12) || (P(15) && !P(13)) || (P(16) && !P(14)) ||
+      N < 1 || M < 0 || R < 1)
+    return -2;
+  BwdArgs<A> b{(int)a[0], (int)a[1], (int)a[2], (int)a[3], P(5), P(6), P(7),
+               (const uint8_t*)P(8), (const A*)P(9), (const A*)P(10), (const A*)P(11), P(12),
+               (A*)P(13), (A*)P(14), (A*)P(15), (A*)P(16), M, N, R, a[20] != 0,
+               (a[21] & 1) != 0, (a[21] & 2) != 0, (int)a[22]};
+  return bwd_impl<A>(b);
+}
+
+}  // namespace
+
+#ifndef NS_PART
+#define NS_PART 2
+#endif
+
+extern "C" {
+
+#if NS_PART != 0
+int ns_fwd_f64(const int64_t* a, double eps) { return fwd_entry<double>(a, eps); }
+int ns_bwd_f64(const int64_t* a) { return bwd_entry<double>(a); }
+#else
+int ns_fwd_f64(const int64_t* a, double eps);
+int ns_bwd_f64(const int64_t* a);
+#endif
+
+#if NS_PART != 1
+int ns_abi_version() { return 4; }
+
+// Forward. a[] = {tin, tout, tx, tr, acc64, in, x, r, mask, w, b, y, mean, rstd, M, N, rms, flags,
+// nt}. `in` (dtype tin) is the row input: x itself, or h when r != 0, in which case
+// h = round_tin(A(x) + A(r)) is written first (x dtype tx, r dtype tr) and the statistics are
+// taken over the stored h. y has dtype tout. w, b: N values of the accumulation type A (double
+// iff acc64; ones / zeros when the op has none). mean may be 0 (RMS). flags: bit 0 writes y and h
+// with non-temporal stores, bit 1 prefetches the next row. Returns 0, or < 0 on bad arguments.
+int ns_fwd(const int64_t* a, double eps) {
+  return a[4] ? ns_fwd_f64(a, eps) : fwd_entry<float>(a, eps);
+}
+
+// Backward. a[] = {tdy, txn, tdh, tdx, acc64, dy, dh, xn, mask, w, mean, rstd, dx, pw, pb, dw, db,
+// M, N, rows_per_chunk, rms, flags, nt}. Any dtypes for dy, xn, dh (ignored when dh is 0) and dx.
+// w: N accumulation-type values (ones when the op has none); mean is unused (the centering is
+// recomputed from xn) and may be 0. dw / db (0 when not wanted) need pw / pb scratch of K * N
+// accumulation values, K = ceil(M / rows_per_chunk). flags as for ns_fwd (for dx). Returns 0, or
+// < 0 on bad arguments.
+int ns_bwd(const int64_t* a) { return a[4] ? ns_bwd_f64(a) : bwd_entry<float>(a); }
+#endif
+
+}  // extern "C"
