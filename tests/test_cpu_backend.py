@@ -252,6 +252,31 @@ def test_masked_rows(rms):
     assert torch.isfinite(dw).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_nan_inf_in_masked_positions_never_leak(dtype, rms, threads):
+    # Masked-out elements are never read into any result: NaN / Inf there (in x, dy, or as the
+    # row's first element) give bitwise the results of finite values there, on 1 or 2 threads.
+    m, n = 64, 300
+    x, _, mask, weight, bias = _inputs(m, n, dtype, "masked", "weight_bias", rms, seed=3)
+    mask[2:, 0] = False  # the shift is a later element
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    idx = torch.arange(m * n).reshape(m, n) % 3
+    x_bad = torch.where(mask, x, junk[idx])
+    x_zero = torch.where(mask, x, torch.zeros((), dtype=dtype))
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(4)).to(dtype)
+    dy_bad = torch.where(mask, dy, junk[(idx + 1) % 3])
+    for nt in (1, 2):
+        torch.set_num_threads(nt)
+        clean = _fwd_bwd(x_zero, None, mask, weight, bias, rms, dy, None)
+        bad = _fwd_bwd(x_bad, None, mask, weight, bias, rms, dy_bad, None)
+        _assert_all_equal(clean, bad)
+        for t in bad:
+            assert torch.isfinite(t).all()
+        y = bad[0]
+        assert torch.equal(y[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+
+
 def test_large_mean_rows():
     g = torch.Generator().manual_seed(5)
     # float32: mean 1e4, std 1 (E[x^2] - E[x]^2 would lose every digit of the variance)

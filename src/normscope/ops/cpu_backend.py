@@ -48,7 +48,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC")
 _LINK_FLAGS = ("-shared", "-fopenmp")
 # The source is compiled as two parts in parallel (float / double accumulation), then linked.
 _PARTS = (0, 1)
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _DTYPE_NAMES = "float32, float64, bfloat16 or float16"

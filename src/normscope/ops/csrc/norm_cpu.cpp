@@ -128,6 +128,35 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// Masks as words of A's width: all ones for a valid element, 0 for a masked one. keep(v, mk) is v
+// or +0.0 -- a bitwise AND, so v is computed for every element (vectorized, no branch) and
+// whatever a masked element computes (NaN / Inf from NaN / Inf input) never leaks. (A select
+// `c ? v : 0`, on the uint8 mask or on an A row, is not if-converted by GCC: it may not evaluate
+// the float ops of v speculatively without -fno-trapping-math, so it branches and mispredicts on
+// random masks. Multiplying by a 0/1 row would turn NaN * 0 into NaN.)
+template <class A>
+struct mask_word {};
+template <>
+struct mask_word<float> {
+  using type = uint32_t;
+};
+template <>
+struct mask_word<double> {
+  using type = uint64_t;
+};
+template <class A>
+using mword_t = typename mask_word<A>::type;
+
+template <class A>
+static inline A keep(A v, mword_t<A> mk) {
+  mword_t<A> u;
+  memcpy(&u, &v, sizeof u);
+  u &= mk;
+  A r;
+  memcpy(&r, &u, sizeof r);
+  return r;
+}
+
 // ---- reductions into a fixed set of lanes ---------------------------------------------------
 // 128 bytes of lanes (4 AVX2 vectors) break the add-latency chain; the lanes are combined in a
 // fixed tree, so a sum depends only on n.
@@ -159,14 +188,15 @@ static inline A lane_sum(int64_t n, F&& f) {
 
 // ---- prefetching the next row, streaming stores ---------------------------------------------
 
-// Up to three byte ranges (the next row of each input), prefetched a few lines per step.
+// Up to four byte ranges (the next row of each input), prefetched a few lines per step.
 struct Prefetch {
-  const char* p[3] = {nullptr, nullptr, nullptr};
-  const char* e[3] = {nullptr, nullptr, nullptr};
+  static constexpr unsigned kMax = 4;
+  const char* p[kMax] = {nullptr, nullptr, nullptr, nullptr};
+  const char* e[kMax] = {nullptr, nullptr, nullptr, nullptr};
   unsigned n = 0, cur = 0;
   int64_t per = 0;
   void add(const void* ptr, int64_t bytes) {
-    if (ptr && bytes > 0 && n < 3) {
+    if (ptr && bytes > 0 && n < kMax) {
       p[n] = (const char*)ptr;
       e[n] = p[n] + bytes;
       ++n;
@@ -181,7 +211,7 @@ struct Prefetch {
   }
   inline void step() {
     for (int64_t q = 0; q < per; ++q) {
-      if (cur >= n || cur >= 3) return;
+      if (cur >= n || cur >= kMax) return;
       __builtin_prefetch(p[cur], 0, 3);
       p[cur] += 64;
       if (p[cur] >= e[cur]) ++cur;
@@ -428,12 +458,17 @@ static A pass1_h(const void* xv, const void* rv, void* hv, A* buf, A* k_out, int
 }
 
 // y = (((x - s) - d) * rstd) * w + b in dtype O (w, b never null: ones / zeros when absent; s, d
-// are 0 for RMS).
-template <class A, class O>
-static void out_row(const A* x, void* yv, const A* w, const A* b, A s, A d, A rstd, int64_t n,
-                    bool nt, Prefetch& pf) {
-  write_vals<O>((O*)yv, n, nt, pf,
-                [&](int64_t j) { return (((x[j] - s) - d) * rstd) * w[j] + b[j]; });
+// are 0 for RMS); with MASKED, +0 where mk[j] == 0.
+template <class A, class O, bool MASKED>
+static void out_row(const A* x, const mword_t<A>* mk, void* yv, const A* w, const A* b, A s, A d,
+                    A rstd, int64_t n, bool nt, Prefetch& pf) {
+  write_vals<O>((O*)yv, n, nt, pf, [&](int64_t j) {
+    const A v = (((x[j] - s) - d) * rstd) * w[j] + b[j];
+    if constexpr (MASKED)
+      return keep(v, mk[j]);
+    else
+      return v;
+  });
 }
 
 template <class A>
@@ -441,39 +476,84 @@ using pass1_t = A (*)(const void*, A*, A*, int64_t);
 template <class A>
 using pass1h_t = A (*)(const void*, const void*, void*, A*, A*, int64_t, bool);
 template <class A>
-using out_t = void (*)(const A*, void*, const A*, const A*, A, A, A, int64_t, bool, Prefetch&);
+using out_t = void (*)(const A*, const mword_t<A>*, void*, const A*, const A*, A, A, A, int64_t,
+                       bool, Prefetch&);
 
-// Shift of a masked row: its first valid element (0 when it has none); sets *first.
-template <class A>
-static inline A mask_shift(const A* x, const uint8_t* m, int64_t n, int64_t* first) {
-  int64_t f = 0;
-  while (f < n && !m[f]) ++f;
-  *first = f;
-  return f < n ? x[f] : (A)0;
+// Masked rows: each uint8 mask row is first converted into a row mk of mask words (see keep).
+
+// First statistics pass over a masked row x of dtype T, which also sets mk[j] (all ones where
+// m[j] != 0, else 0), counts the valid elements into *cnt and, when T != A, copies the row into
+// buf as A. The shift k is the first valid element (0 for a row without any). Returns sum(x - k)
+// (LayerNorm) or sum(x^2) (RMSNorm) over the valid elements, in the lanes of lane_sum.
+template <class T, class A, bool RMS>
+static A masked_pass1(const void* src, const uint8_t* m, A* buf, mword_t<A>* mk, A* k_out,
+                      int64_t* cnt, int64_t n) {
+  using W = mword_t<A>;
+  constexpr int L = kLanes<A>;
+  const T* x = (const T*)src;
+  A k = 0;
+  if (!RMS) {
+    int64_t f = 0;
+    while (f < n && !m[f]) ++f;
+    k = f < n ? ld<A>(x, f) : (A)0;
+  }
+  *k_out = k;
+  // Sum lanes as in lane_sum; count lanes of W (a lane counts at most n / L + 1 < 2^32 elements
+  // for any n below 2^37; the count lanes are summed as int64).
+  A acc[L];
+  W c[L];
+  const A zero = (A)opaque_zero(n);
+  for (int l = 0; l < L; ++l) acc[l] = zero, c[l] = (W)zero;
+  auto body = [&](int64_t j, int l) {
+    const A v = ld<A>(x, j);
+    if constexpr (!same_v<T, A>) buf[j] = v;
+    const W w = (W)0 - (W)(m[j] != 0);
+    mk[j] = w;
+    c[l] += w & 1;
+    // keep before the multiply, as c * c below: acc + v * v may contract into an FMA, as in the
+    // unmasked passes.
+    const A vk = keep(v, w);
+    if constexpr (RMS)
+      acc[l] += vk * vk;
+    else
+      acc[l] += keep(v - k, w);
+  };
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) body(j + l, l);
+  }
+#pragma omp simd if (0)
+  for (int l = 0; l < (int)(n - j); ++l) body(j + l, l);
+  int64_t total = 0;
+  for (int l = 0; l < L; ++l) total += (int64_t)c[l];
+  *cnt = total;
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
 }
 
-// Statistics over elements with m[j] != 0: shift s, d, rstd (a row without any: 0, 0, 0).
 template <class A>
-static void stats_masked(const A* x, const uint8_t* m, int64_t n, A eps, bool rms, A& s, A& d,
-                         A& rstd) {
-  int64_t first;
-  const A k = mask_shift(x, m, n, &first);
+using mpass1_t = A (*)(const void*, const uint8_t*, A*, mword_t<A>*, A*, int64_t*, int64_t);
+
+// Statistics of a masked row from masked_pass1's k and sum s1 and the count cnt of valid
+// elements: shift s, d, rstd (a row without any: 0, 0, 0).
+template <class A>
+static void stats_masked(const A* x, const mword_t<A>* mk, A k, A s1, int64_t cnt, int64_t n,
+                         A eps, bool rms, A& s, A& d, A& rstd) {
   s = d = rstd = 0;
-  if (first == n) return;
-  int64_t cnt = 0;
-  for (int64_t j = first; j < n; ++j) cnt += m[j] ? 1 : 0;
+  if (cnt == 0) return;
   const A denom = (A)cnt;
   if (rms) {
-    const A ss = lane_sum<A>(n, [&](int64_t j) { return m[j] ? x[j] * x[j] : (A)0; });
-    rstd = (A)1 / sqrt_(ss / denom + eps);
+    rstd = (A)1 / sqrt_(s1 / denom + eps);
     return;
   }
   s = k;
-  d = lane_sum<A>(n, [&](int64_t j) { return m[j] ? x[j] - k : (A)0; }) / denom;
+  d = s1 / denom;
   const A dd = d;
   const A ss = lane_sum<A>(n, [&](int64_t j) {
-    const A c = (x[j] - k) - dd;
-    return m[j] ? c * c : (A)0;
+    const A c = keep((x[j] - k) - dd, mk[j]);
+    return c * c;
   });
   rstd = (A)1 / sqrt_(ss / denom + eps);
 }
@@ -517,9 +597,20 @@ static int fwd_impl(const FwdArgs<A>& a) {
     pick_pass1<A, true>(a.tin, p1, p1h, p1a);
   else
     pick_pass1<A, false>(a.tin, p1, p1h, p1a);
+  mpass1_t<A> mp1 = nullptr;
+  if (a.mask) {
+    with_fused_type<A>(a.tin, [&](auto* p) {
+      using T = elem_t<decltype(p)>;
+      mp1 = RMS ? &masked_pass1<T, A, true> : &masked_pass1<T, A, false>;
+    });
+  }
+  const mpass1_t<A> mp1a = RMS ? &masked_pass1<A, A, true> : &masked_pass1<A, A, false>;
   out_t<A> outf = nullptr;
-  with_fused_type<A>(a.tout, [&](auto* p) { outf = &out_row<A, elem_t<decltype(p)>>; });
-  const out_t<A> outa = &out_row<A, A>;
+  if (a.mask)
+    with_fused_type<A>(a.tout, [&](auto* p) { outf = &out_row<A, elem_t<decltype(p)>, true>; });
+  else
+    with_fused_type<A>(a.tout, [&](auto* p) { outf = &out_row<A, elem_t<decltype(p)>, false>; });
+  const out_t<A> outa = a.mask ? &out_row<A, A, true> : &out_row<A, A, false>;
   const cvt_in_t<A> cin = pick_cvt_in<A>(a.tin);
   const cvt_out_t<A> cout = pick_cvt_out<A>(a.tout);
   const round_t<A> rnd = pick_round<A>(a.tin);
@@ -529,30 +620,39 @@ static int fwd_impl(const FwdArgs<A>& a) {
   const bool fused_add = a.r && a.tx == a.tin && a.tr == a.tin;
 #pragma omp parallel num_threads(a.nt) if (a.nt > 1)
   {
-    Scratch<A> buf(N), obuf(outf && !a.mask ? 0 : N);
+    Scratch<A> buf(N), obuf(outf ? 0 : N);
+    Scratch<mword_t<A>> mk(a.mask ? N : 0);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.M; ++i) {
       char* in_i = (char*)a.in + i * N * sin;
+      const uint8_t* m = a.mask ? a.mask + i * N : nullptr;
       const A* src = buf.p;
       A k = 0, s = 0, d = 0, rstd;
+      int64_t cnt = 0;
       if (a.r) {
         const char* x_i = (const char*)a.x + i * N * sx;
         const char* r_i = (const char*)a.r + i * N * sr;
         if (p1h && fused_add && !a.mask) {
           s = p1h(x_i, r_i, in_i, buf.p, &k, N, nt);
-        } else if (a.mask) {
+        } else if (m) {
           add(x_i, r_i, buf.p, N);
           rnd(buf.p, in_i, N);
+          s = mp1a(buf.p, m, nullptr, mk.p, &k, &cnt, N);
         } else {
           add(x_i, r_i, buf.p, N);
           rnd(buf.p, in_i, N);
           s = p1a(buf.p, nullptr, &k, N);
         }
-      } else if (a.mask) {
-        if (a.tin == ca)
+      } else if (m) {
+        if (a.tin == ca) {
           src = (const A*)in_i;
-        else
+          s = mp1a(in_i, m, nullptr, mk.p, &k, &cnt, N);
+        } else if (mp1) {
+          s = mp1(in_i, m, buf.p, mk.p, &k, &cnt, N);
+        } else {
           cin(in_i, buf.p, N);
+          s = mp1a(buf.p, m, nullptr, mk.p, &k, &cnt, N);
+        }
       } else if (a.tin == ca) {
         src = (const A*)in_i;
         s = p1a(in_i, nullptr, &k, N);
@@ -570,20 +670,12 @@ static int fwd_impl(const FwdArgs<A>& a) {
         } else {
           pf.add((const char*)a.in + (i + 1) * N * sin, N * sin);
         }
+        if (m) pf.add(m + N, N);
       }
       char* y_i = (char*)a.y + i * N * so;
-      if (a.mask) {
-        const uint8_t* m = a.mask + i * N;
-        stats_masked<A>(src, m, N, a.eps, RMS, k, d, rstd);
-        A* o = a.tout == ca ? (A*)y_i : obuf.p;
-        const A* w = a.w;
-        const A* b = a.b;
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          const A v = (((src[j] - k) - d) * rstd) * w[j] + b[j];
-          o[j] = m[j] ? v : (A)0;
-        }
-        if (a.tout != ca) cout(o, y_i, N);
+      if (m) {
+        const A s1 = s;
+        stats_masked<A>(src, mk.p, k, s1, cnt, N, a.eps, RMS, k, d, rstd);
       } else {
         if (RMS) {
           rstd = (A)1 / sqrt_(s / (A)N + a.eps);
@@ -596,12 +688,12 @@ static int fwd_impl(const FwdArgs<A>& a) {
           });
           rstd = (A)1 / sqrt_(ss / (A)N + a.eps);
         }
-        if (outf) {
-          outf(src, y_i, a.w, a.b, k, d, rstd, N, nt, pf);
-        } else {
-          outa(src, obuf.p, a.w, a.b, k, d, rstd, N, false, pf);
-          cout(obuf.p, y_i, N);
-        }
+      }
+      if (outf) {
+        outf(src, mk.p, y_i, a.w, a.b, k, d, rstd, N, nt, pf);
+      } else {
+        outa(src, mk.p, obuf.p, a.w, a.b, k, d, rstd, N, false, pf);
+        cout(obuf.p, y_i, N);
       }
       if (a.mean) a.mean[i] = k + d;
       a.rstd[i] = rstd;
@@ -618,17 +710,22 @@ static int fwd_impl(const FwdArgs<A>& a) {
 //   dx = rstd * (g - <g> - xhat * <g xhat>) [+ dh]      (RMS: s = d = 0 and no <g> term)
 //   dw += g0 * xhat, db += g0, into the current chunk's partial rows.
 
-template <class A, bool DW, bool DB>
-static void bwd_sums(const A* x, const A* dy, const A* w, A s, A d, A rstd, int64_t n, A* pw,
-                     A* pb, A* s1, A* s2) {
+// With MASKED, xhat and g0 are +0 where mk[j] == 0 (see keep).
+template <class A, bool DW, bool DB, bool MASKED>
+static void bwd_sums(const A* x, const A* dy, const mword_t<A>* mk, const A* w, A s, A d, A rstd,
+                     int64_t n, A* pw, A* pb, A* s1, A* s2) {
   // Two sums in one sweep: lanes by hand (lane_sum returns one value).
   constexpr int L = kLanes<A>;
   A a1[L], a2[L];
   const A zero = (A)opaque_zero(n);
   for (int l = 0; l < L; ++l) a1[l] = a2[l] = zero;
   auto body = [&](int64_t j, int l) {
-    const A xh = ((x[j] - s) - d) * rstd;
-    const A g0 = dy[j];
+    A xh = ((x[j] - s) - d) * rstd;
+    A g0 = dy[j];
+    if constexpr (MASKED) {
+      xh = keep(xh, mk[j]);
+      g0 = keep(g0, mk[j]);
+    }
     const A g = g0 * w[j];
     if constexpr (DW) pw[j] += g0 * xh;
     if constexpr (DB) pb[j] += g0;
@@ -652,51 +749,33 @@ static void bwd_sums(const A* x, const A* dy, const A* w, A s, A d, A rstd, int6
 }
 
 template <class A>
-using sums_t = void (*)(const A*, const A*, const A*, A, A, A, int64_t, A*, A*, A*, A*);
+using sums_t = void (*)(const A*, const A*, const mword_t<A>*, const A*, A, A, A, int64_t, A*, A*,
+                        A*, A*);
 
-// dx = rstd * (g - c1 - xhat * c2) + dh in dtype O (w: ones when absent; dh: zeros).
-template <class A, class O>
-static void bwd_dx(const A* x, const A* dy, const A* w, const A* dh, void* dxv, A s, A d, A rstd,
-                   A c1, A c2, int64_t n, bool nt, Prefetch& pf) {
+template <class A, bool MASKED>
+static sums_t<A> pick_sums(bool dw, bool db) {
+  return dw ? (db ? &bwd_sums<A, true, true, MASKED> : &bwd_sums<A, true, false, MASKED>)
+            : (db ? &bwd_sums<A, false, true, MASKED> : &bwd_sums<A, false, false, MASKED>);
+}
+
+// dx = rstd * (g - c1 - xhat * c2) + dh in dtype O (w: ones when absent; dh: zeros); with MASKED
+// the first term is +0 where mk[j] == 0 (see keep).
+template <class A, class O, bool MASKED>
+static void bwd_dx(const A* x, const A* dy, const mword_t<A>* mk, const A* w, const A* dh,
+                   void* dxv, A s, A d, A rstd, A c1, A c2, int64_t n, bool nt, Prefetch& pf) {
   write_vals<O>((O*)dxv, n, nt, pf, [&](int64_t j) {
     const A xh = ((x[j] - s) - d) * rstd;
-    return rstd * (dy[j] * w[j] - c1 - xh * c2) + dh[j];
+    const A v = rstd * (dy[j] * w[j] - c1 - xh * c2);
+    if constexpr (MASKED)
+      return keep(v, mk[j]) + dh[j];
+    else
+      return v + dh[j];
   });
 }
 
 template <class A>
-using dx_t = void (*)(const A*, const A*, const A*, const A*, void*, A, A, A, A, A, int64_t, bool,
-                      Prefetch&);
-
-// Masked rows: sums over valid elements; pw, pb may be null.
-template <class A>
-static void bwd_sums_masked(const A* x, const A* dy, const uint8_t* m, const A* w, A s, A d,
-                            A rstd, int64_t n, A* pw, A* pb, A* s1, A* s2) {
-  auto xh = [&](int64_t j) { return m[j] ? ((x[j] - s) - d) * rstd : (A)0; };
-  auto g0 = [&](int64_t j) { return m[j] ? dy[j] : (A)0; };
-  if (pw) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) pw[j] += g0(j) * xh(j);
-  }
-  if (pb) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) pb[j] += g0(j);
-  }
-  auto g = [&](int64_t j) { return g0(j) * w[j]; };
-  *s1 = lane_sum<A>(n, g);
-  *s2 = lane_sum<A>(n, [&](int64_t j) { return g(j) * xh(j); });
-}
-
-template <class A>
-static void bwd_dx_masked(const A* x, const A* dy, const uint8_t* m, const A* w, const A* dh,
-                          A* dx, A s, A d, A rstd, A c1, A c2, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const A xh = ((x[j] - s) - d) * rstd;
-    const A v = m[j] ? rstd * (dy[j] * w[j] - c1 - xh * c2) : (A)0;
-    dx[j] = v + dh[j];
-  }
-}
+using dx_t = void (*)(const A*, const A*, const mword_t<A>*, const A*, const A*, void*, A, A, A, A,
+                      A, int64_t, bool, Prefetch&);
 
 template <class A>
 struct BwdArgs {
@@ -721,8 +800,7 @@ struct BwdArgs {
 template <class A>
 static int bwd_impl(const BwdArgs<A>& a) {
   const bool DW = a.dw != nullptr, DB = a.db != nullptr;
-  const sums_t<A> sums = DW ? (DB ? &bwd_sums<A, true, true> : &bwd_sums<A, true, false>)
-                            : (DB ? &bwd_sums<A, false, true> : &bwd_sums<A, false, false>);
+  const sums_t<A> sums = a.mask ? pick_sums<A, true>(DW, DB) : pick_sums<A, false>(DW, DB);
   const int ca = code_of<A>();
   const int64_t N = a.N, M = a.M, R = a.R;
   const int64_t K = (M + R - 1) / R;
@@ -733,14 +811,18 @@ static int bwd_impl(const BwdArgs<A>& a) {
   const cvt_out_t<A> cout = pick_cvt_out<A>(a.tdx);
   if (!cin_x || !cin_dy || !cin_dh || !cout) return -1;
   dx_t<A> dxf = nullptr;
-  with_fused_type<A>(a.tdx, [&](auto* p) { dxf = &bwd_dx<A, elem_t<decltype(p)>>; });
-  const dx_t<A> dxa = &bwd_dx<A, A>;
+  if (a.mask)
+    with_fused_type<A>(a.tdx, [&](auto* p) { dxf = &bwd_dx<A, elem_t<decltype(p)>, true>; });
+  else
+    with_fused_type<A>(a.tdx, [&](auto* p) { dxf = &bwd_dx<A, elem_t<decltype(p)>, false>; });
+  const dx_t<A> dxa = a.mask ? &bwd_dx<A, A, true> : &bwd_dx<A, A, false>;
   const bool nt = a.stream && kCanStream;
-  const bool need_bo = a.mask ? a.tdx != ca : dxf == nullptr;
+  const bool need_bo = dxf == nullptr;
 #pragma omp parallel num_threads(a.nt) if (a.nt > 1)
   {
     Scratch<A> bx(a.txn == ca ? 0 : N), bdy(a.tdy == ca ? 0 : N);
     Scratch<A> bdh(a.dh && a.tdh != ca ? N : 0), bo(need_bo ? N : 0), zero(a.dh ? 0 : N);
+    Scratch<mword_t<A>> mk(a.mask ? N : 0);
     if (zero.p) memset(zero.p, 0, sizeof(A) * N);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
@@ -765,13 +847,13 @@ static int bwd_impl(const BwdArgs<A>& a) {
         // Recompute the forward's centering: shift s and d = mean(x - s) over valid elements.
         A s = 0, d = 0, denom = (A)N;
         if (m) {
-          int64_t first, cnt = 0;
-          const A k = mask_shift(x, m, N, &first);
-          for (int64_t j = first; j < N; ++j) cnt += m[j] ? 1 : 0;
+          A k;
+          int64_t cnt;
+          const A s1 = masked_pass1<A, A, false>(x, m, nullptr, mk.p, &k, &cnt, N);
           denom = cnt > 0 ? (A)cnt : (A)1;
           if (!a.rms) {
             s = k;
-            d = lane_sum<A>(N, [&](int64_t j) { return m[j] ? x[j] - k : (A)0; }) / denom;
+            d = s1 / denom;
           }
         } else if (!a.rms) {
           const A k = x[0];
@@ -783,24 +865,17 @@ static int bwd_impl(const BwdArgs<A>& a) {
           pf.add((const char*)x_i + N * sxn, N * sxn);
           pf.add((const char*)dy_i + N * sdy, N * sdy);
           if (dh_i) pf.add((const char*)dh_i + N * sdh, N * sdh);
+          if (m) pf.add(m + N, N);
         }
         A s1, s2;
-        if (m) {
-          bwd_sums_masked<A>(x, dy, m, a.w, s, d, rstd, N, cw, cb, &s1, &s2);
-          const A c1 = a.rms ? (A)0 : s1 / denom;
-          A* o = a.tdx == ca ? (A*)dx_i : bo.p;
-          bwd_dx_masked<A>(x, dy, m, a.w, dh, o, s, d, rstd, c1, s2 / denom, N);
-          if (a.tdx != ca) cout(o, dx_i, N);
+        sums(x, dy, mk.p, a.w, s, d, rstd, N, cw, cb, &s1, &s2);
+        const A c1 = a.rms ? (A)0 : s1 / denom;
+        const A c2 = s2 / denom;
+        if (dxf) {
+          dxf(x, dy, mk.p, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf);
         } else {
-          sums(x, dy, a.w, s, d, rstd, N, cw, cb, &s1, &s2);
-          const A c1 = a.rms ? (A)0 : s1 / denom;
-          const A c2 = s2 / denom;
-          if (dxf) {
-            dxf(x, dy, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf);
-          } else {
-            dxa(x, dy, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf);
-            cout(bo.p, dx_i, N);
-          }
+          dxa(x, dy, mk.p, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf);
+          cout(bo.p, dx_i, N);
         }
       }
     }
@@ -881,7 +956,7 @@ int ns_bwd_f64(const int64_t* a);
 #endif
 
 #if NS_PART != 1
-int ns_abi_version() { return 4; }
+int ns_abi_version() { return 5; }
 
 // Forward. a[] = {tin, tout, tx, tr, acc64, in, x, r, mask, w, b, y, mean, rstd, M, N, rms, flags,
 // nt}. `in` (dtype tin) is the row input: x itself, or h when r != 0, in which case
