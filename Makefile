@@ -15,11 +15,11 @@ $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	touch $@
 
 test: setup
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 bench: setup
 	$(VENV)/bin/normscope bench
 
 lint: setup
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples

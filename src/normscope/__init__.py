@@ -13,6 +13,7 @@ from normscope.functional import (
     masked_rms_norm,
     rms_norm,
 )
+from normscope.monitor import Monitor
 from normscope.nn import convert
 
 __version__ = "0.1.0"
@@ -26,5 +27,6 @@ __all__ = [
     "masked_rms_norm",
     "nn",
     "convert",
+    "Monitor",
     "__version__",
 ]

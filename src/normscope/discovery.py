@@ -1,23 +1,30 @@
 """Which modules of a model are normalization layers, and what they compute.
 
-One discovery serves :func:`normscope.convert`, and later the monitor and the analysis. Modules
-are found by type (torch's LayerNorm / RMSNorm, normscope's modules) and by duck typing: a
-Hugging Face RMSNorm-style module (a 1-D ``weight`` plus ``variance_epsilon`` or ``eps``, e.g.
-``LlamaRMSNorm``, ``T5LayerNorm``, ``GemmaRMSNorm``) is accepted only after a numerical probe shows
-that it computes ``rms_norm(x) * weight`` or, Gemma-style, ``rms_norm(x) * (1 + weight)``.
+One discovery serves :func:`normscope.convert`, :class:`normscope.Monitor` and the analysis. Modules
+are found by type (torch's LayerNorm / RMSNorm / GroupNorm / BatchNorm / InstanceNorm, normscope's
+modules) and by duck typing: a Hugging Face RMSNorm-style module (a 1-D ``weight`` plus
+``variance_epsilon`` or ``eps``, e.g. ``LlamaRMSNorm``, ``T5LayerNorm``, ``GemmaRMSNorm``).
+:func:`convert` swaps such a module only after a numerical probe shows that it computes
+``rms_norm(x) * weight`` or, Gemma-style, ``rms_norm(x) * (1 + weight)``;
+:func:`find_norm_layers` accepts it from its attributes alone unless asked to probe.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from normscope.ops.reference import rms_norm_ref
+from normscope.ops.reference import layer_norm_ref, rms_norm_ref
 
-__all__ = ["RMSStyle", "probe_rms_style", "rms_style_candidate"]
+__all__ = ["NormLayer", "NORM_KINDS", "find_norm_layers", "effective_eps", "RMSStyle", "probe_rms_style",
+           "rms_style_candidate"]
+
+#: The kinds of normalization :func:`find_norm_layers` reports, by what the layer normalizes over.
+NORM_KINDS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
 
 # Relative L2 error under which a probed module counts as computing RMSNorm, per weight dtype.
 _PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -83,3 +90,165 @@ def probe_rms_style(module: torch.nn.Module) -> Tuple[Optional[RMSStyle], str]:
             f"outputs do not match RMSNorm (relative error {errors[offset]:.2e} > {rtol:.0e})"
         )
     return RMSStyle(eps=eps, weight_offset=offset), ""
+
+
+@dataclass(frozen=True)
+class NormLayer:
+    """One normalization layer of a model, as found by :func:`find_norm_layers`.
+
+    Attributes:
+        name: qualified module name (``""`` for the model itself).
+        module: the module.
+        kind: one of :data:`NORM_KINDS`. ``layer_norm`` and ``rms_norm`` normalize each vector over
+            the trailing ``normalized_shape``; ``group_norm`` each (sample, group); ``instance_norm``
+            each (sample, channel); ``batch_norm`` each channel over the batch and spatial positions.
+        eps: the epsilon added to the variance (``None`` for ``torch.nn.RMSNorm(eps=None)``, which
+            uses ``torch.finfo(input.dtype).eps``).
+        affine: whether the layer has a learnable scale ``weight`` (gamma).
+        normalized_shape: the trailing shape normalized over, for ``layer_norm`` / ``rms_norm``;
+            ``None`` for the other kinds.
+        duck_typed: True when the module was recognised by its attributes (a Hugging Face-style
+            module such as ``LlamaRMSNorm``) rather than by its type.
+    """
+
+    name: str
+    module: torch.nn.Module
+    kind: str
+    eps: Optional[float]
+    affine: bool
+    normalized_shape: Optional[Tuple[int, ...]] = None
+    duck_typed: bool = False
+
+
+def _eps_attr(module: torch.nn.Module) -> Optional[float]:
+    for attr in ("variance_epsilon", "eps"):
+        eps = getattr(module, attr, None)
+        if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+            return float(eps)
+    return None
+
+
+def _layer_norm_style_candidate(module: torch.nn.Module) -> Optional[Tuple[torch.nn.Parameter, float]]:
+    """``(weight, eps)`` for a leaf module that looks like a hand-written LayerNorm with a bias.
+
+    For example Hugging Face's ``DebertaLayerNorm``: a class whose name contains "norm", a 1-D
+    ``weight`` and a ``bias`` of the same shape, and a numeric ``variance_epsilon`` or ``eps``.
+    """
+    if next(module.children(), None) is not None or "norm" not in type(module).__name__.lower():
+        return None
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+        return None
+    if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape:
+        return None
+    eps = _eps_attr(module)
+    return None if eps is None else (weight, eps)
+
+
+@torch.no_grad()
+def _probe_duck_kind(module: torch.nn.Module, weight: torch.Tensor, eps: float) -> Optional[str]:
+    """``"rms_norm"`` or ``"layer_norm"`` from what ``module`` computes on a small probe, else None."""
+    if weight.device.type == "meta":
+        return None
+    n = weight.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = (torch.randn(4, n, generator=gen) * 2.0 + 0.5).to(weight.device, weight.dtype)
+    try:
+        out = module(probe)
+    except Exception:  # a module that cannot run on a plain (4, N) input is not a per-vector norm
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        return None
+    out, x, w = out.double(), probe.double(), weight.double()
+    bias = getattr(module, "bias", None)
+    b = bias.double() if isinstance(bias, torch.Tensor) and bias.shape == weight.shape else None
+    rtol = _PROBE_RTOL.get(weight.dtype, 1e-4)
+    candidates = {
+        "rms_norm": [rms_norm_ref(x, n, w + offset, eps) for offset in (0.0, 1.0)],
+        "layer_norm": [layer_norm_ref(x, n, w + offset, b, eps) for offset in (0.0, 1.0)],
+    }
+    for kind, refs in candidates.items():
+        for ref in refs:
+            if float((out - ref).norm() / ref.norm().clamp_min(1e-30)) <= rtol:
+                return kind
+    return None
+
+
+def find_norm_layers(
+    model: torch.nn.Module,
+    filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
+    *,
+    probe: bool = False,
+) -> List[NormLayer]:
+    """Find the normalization layers of ``model``, in ``named_modules()`` order.
+
+    Found by type: ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` (and their subclasses, which include
+    :class:`normscope.nn.LayerNorm` / :class:`normscope.nn.RMSNorm`), ``torch.nn.GroupNorm``,
+    ``BatchNorm1d/2d/3d`` (and ``SyncBatchNorm``, lazy variants) and ``InstanceNorm1d/2d/3d``. Found
+    by duck typing (leaf modules only): Hugging Face RMSNorm-style modules as recognised by
+    :func:`rms_style_candidate` (``LlamaRMSNorm``, ``T5LayerNorm``, ``GemmaRMSNorm``, ...), reported
+    as ``rms_norm``, and LayerNorm-style modules with a bias whose class name contains "norm"
+    (``DebertaLayerNorm``), reported as ``layer_norm``. Each normalizes over its last dimension.
+
+    Args:
+        model: the model to search.
+        filter_fn: optional ``filter_fn(module, qualified_name) -> bool``; layers for which it
+            returns False are left out.
+        probe: if True, each duck-typed candidate is run once on a small probe input to confirm
+            what it computes (RMSNorm or LayerNorm, with ``weight`` or ``1 + weight`` as scale);
+            candidates that compute neither are left out. No module found by type is run. Default:
+            False, which runs nothing and also works on the meta device.
+
+    Returns:
+        A list of :class:`NormLayer`.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        >>> [(layer.name, layer.kind) for layer in normscope.discovery.find_norm_layers(model)]
+        [('1', 'layer_norm')]
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"Expected filter_fn to be callable or None, but got {type(filter_fn).__name__}")
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    layers = []
+    for name, module in model.named_modules():
+        found = None
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+            kind = "layer_norm" if isinstance(module, torch.nn.LayerNorm) else "rms_norm"
+            shape = tuple(int(d) for d in module.normalized_shape)
+            found = NormLayer(name, module, kind, None if module.eps is None else float(module.eps),
+                              module.weight is not None, shape)
+        elif isinstance(module, torch.nn.GroupNorm):
+            found = NormLayer(name, module, "group_norm", float(module.eps), bool(module.affine))
+        elif isinstance(module, _BatchNorm):
+            found = NormLayer(name, module, "batch_norm", float(module.eps), bool(module.affine))
+        elif isinstance(module, _InstanceNorm):
+            found = NormLayer(name, module, "instance_norm", float(module.eps), bool(module.affine))
+        else:
+            for kind, candidate in (("rms_norm", rms_style_candidate), ("layer_norm", _layer_norm_style_candidate)):
+                cand = candidate(module)
+                if cand is None:
+                    continue
+                weight, eps = cand
+                if probe:
+                    kind = _probe_duck_kind(module, weight, eps)
+                    if kind is None:
+                        break
+                found = NormLayer(name, module, kind, eps, True, (int(weight.shape[0]),), duck_typed=True)
+                break
+        if found is None or (filter_fn is not None and not filter_fn(module, name)):
+            continue
+        layers.append(found)
+    return layers
+
+
+def effective_eps(layer: NormLayer, dtype: torch.dtype) -> float:
+    """The epsilon ``layer`` adds for inputs of ``dtype`` (``finfo(dtype).eps`` when ``eps`` is None)."""
+    if layer.eps is not None:
+        return layer.eps
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else math.nan

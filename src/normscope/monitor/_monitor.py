@@ -1,0 +1,959 @@
+"""The per-layer telemetry monitor: hooks, on-device accumulation, flushing and findings."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import math
+import numbers
+import os
+import statistics
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from normscope.discovery import NormLayer, effective_eps, find_norm_layers
+from normscope.monitor import _layout as L
+from normscope.monitor.findings import Finding, Thresholds
+from normscope.monitor.sinks import Sink
+
+__all__ = ["Monitor", "save_snapshot", "load_snapshot", "SNAPSHOT_FORMAT"]
+
+SNAPSHOT_FORMAT = "normscope.monitor.snapshot/1"
+_F64 = torch.float64
+
+
+class _DeviceState:
+    """The accumulators of all layers on one device: one ``(num_layers, width)`` float64 buffer."""
+
+    def __init__(self, device: torch.device, n_layers: int, layout: L.Layout):
+        self.device = device
+        # Created outside inference mode (a buffer born in inference mode could not be updated outside
+        # it) and with device-side kernels only: no host-to-device copy, which would synchronise.
+        with torch.inference_mode(False), torch.no_grad():
+            self.template = layout.template(device)
+            self.buf = self.template.repeat(n_layers, 1)
+            self.slots = torch.zeros(n_layers, 3, dtype=_F64, device=device)  # per step: |g_in|^2, |g_w|^2, |g_b|^2
+            self.fired = torch.zeros(n_layers, 2, dtype=_F64, device=device)  # per step: input / param grad seen
+            self.one = torch.ones((), dtype=_F64, device=device)
+            self.zero = torch.zeros((), dtype=_F64, device=device)
+            self.neg_inf = torch.full((), -math.inf, dtype=_F64, device=device)
+            # -(key) of [input non-finite, output non-finite, eps-dominated] is
+            # key_step * step + key_order * order + key_const (see _layout.KEY_STEP).
+            self.key_step = torch.full((3,), -float(L.KEY_STEP), dtype=_F64, device=device)
+            self.key_step[2:].fill_(-1.0)
+            self.key_order = torch.full((3,), -2.0, dtype=_F64, device=device)
+            self.key_order[2:].fill_(0.0)
+            self.key_const = torch.zeros(3, dtype=_F64, device=device)
+            self.key_const[1:2].fill_(-1.0)
+            # Per-layer views, made once: (sums, call maxima, variance histogram, input histogram) ...
+            b, vh, ih = self.buf, layout.var_hist, layout.in_hist
+            self.views = [(b[i, :L.N_CALL_SUMS], b[i, L.M_ROW_MEAN_MAX:L.M_ROW_MEAN_MAX + L.N_CALL_MAX],
+                           b[i, vh:vh + L.VAR_BINS + 3], b[i, ih:ih + layout.hist_bins + 3])
+                          for i in range(n_layers)]
+            # ... and (|g_in|^2, |g_w|^2, |g_b|^2, input grad seen, param grad seen, grad non-finite key).
+            self.grad_views = [(self.slots[i, 0:1], self.slots[i, 1:2], self.slots[i, 2:3], self.fired[i, 0:1],
+                                self.fired[i, 1:2], b[i, L.M_GRAD_NONFINITE_KEY:L.M_GRAD_NONFINITE_KEY + 1])
+                               for i in range(n_layers)]
+        self._layout = layout
+        self._edges: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.dirty = False  # written since the last flush
+        self.grad_touched = False  # a gradient hook wrote into slots during this step
+
+    def edges(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(variance edges, input-histogram edges) in ``dtype``, computed on the device."""
+        e = self._edges.get(dtype)
+        if e is None:
+            with torch.inference_mode(False), torch.no_grad():
+                lo = L.VAR_LOG10_RANGE[0]
+                exps = torch.arange(L.VAR_BINS + 1, dtype=_F64, device=self.device) / L.VAR_BINS_PER_DECADE + lo
+                var_e = torch.pow(10.0, exps).to(dtype)
+                h_lo, h_hi = self._layout.hist_range
+                in_e = torch.linspace(h_lo, h_hi, self._layout.hist_bins + 1, dtype=_F64, device=self.device)
+                e = (var_e, in_e.to(dtype))
+            self._edges[dtype] = e
+        return e
+
+
+class _Counters:
+    """Host-side counters of one layer for the current window (known without reading the device)."""
+
+    __slots__ = ("calls", "rows", "rows_sampled", "skipped_calls", "steps", "first_step", "last_step",
+                 "grad_events", "_last_counted")
+
+    def __init__(self):
+        self.calls = self.rows = self.rows_sampled = self.skipped_calls = self.steps = self.grad_events = 0
+        self.first_step: Optional[int] = None
+        self.last_step: Optional[int] = None
+        self._last_counted: Optional[int] = None
+
+    def saw_step(self, step: int) -> None:
+        if self._last_counted != step:
+            self._last_counted = step
+            self.steps += 1
+        self.first_step = step if self.first_step is None else self.first_step
+        self.last_step = step
+
+    @property
+    def active(self) -> bool:
+        return self.calls > 0 or self.grad_events > 0 or self.skipped_calls > 0
+
+
+class _GradTap(torch.autograd.Function):
+    """Identity whose backward hands the gradient w.r.t. one layer's input to the monitor."""
+
+    @staticmethod
+    def forward(ctx, x, monitor, index):
+        ctx.monitor = monitor
+        ctx.index = index
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.monitor._on_input_grad(ctx.index, grad)
+        return grad, None, None
+
+
+def _first_tensor(args, kwargs) -> Tuple[Optional[torch.Tensor], Optional[Union[int, str]]]:
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            return a, i
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            return v, k
+    return None, None
+
+
+def _eager(fn):
+    """``fn`` run eagerly when called from code torch.compile traces: a graph break, not a traced hook."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
+class Monitor:
+    r"""Per-layer telemetry of a model's normalization layers, accumulated on the device.
+
+    The monitor finds the normalization layers of ``model`` (:func:`normscope.discovery.find_norm_layers`)
+    and hooks each: on sampled steps it accumulates statistics of the layer's input, output and
+    gradients into device tensors with in-place operations, and reads them back only in
+    :meth:`flush` — one packed transfer per device. Between flushes nothing is synchronised with the
+    host: no ``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)`` and no data-dependent Python
+    branch. :meth:`flush` turns each window into one statistics record per layer and into
+    :class:`~normscope.monitor.Finding`\ s, and hands them to the sinks. See docs/monitor.md.
+
+    Call :meth:`step` once per training step (after backward); every ``flush_every`` steps it
+    flushes. Without sinks the records stay in memory (:attr:`records`, :meth:`findings`).
+
+    Args:
+        model: the model (a ``torch.compile``'d module is unwrapped; hooks go on the original).
+        every: sample one step in ``every`` (steps 0, every, 2 * every, ...). Hooks on other steps
+            return at once. Default: 1.
+        sinks: where records go on each flush: a :class:`~normscope.monitor.Sink` or a sequence of
+            them (e.g. ``JSONLSink("run.jsonl")``). Default: None (records kept in memory only).
+        filter_fn: optional ``filter_fn(module, qualified_name) -> bool`` choosing the layers.
+        row_fraction: fraction of rows (the vectors a layer normalizes) whose statistics are
+            computed: every ``round(1 / row_fraction)``-th row, at an offset that rotates with the
+            step. NaN/Inf counts always cover every element. Default: 1.0.
+        eps_factor: a row is eps-dominated when its variance (mean square for RMS norms) is below
+            ``eps_factor * eps``. Default: 10.0.
+        hist_bins: bins of the input-value histogram over ``hist_range`` (plus an underflow and an
+            overflow bin). Default: 64.
+        hist_range: ``(low, high)`` of the input-value histogram. Default: (-8.0, 8.0).
+        hist_max_elements: at most this many input values per call enter the histogram (whole
+            rows, evenly spaced among the sampled rows; at least one row). Default: 2**20.
+        flush_every: flush automatically every this many steps in :meth:`step`; None to flush only
+            when asked (:meth:`flush`, :meth:`findings`, :meth:`snapshot`, :meth:`close`).
+            Default: 100.
+        grads: measure the gradient norms of each layer's input and parameters. Default: True.
+        thresholds: a :class:`~normscope.monitor.Thresholds` deciding findings. Default: the defaults.
+        probe: confirm duck-typed (Hugging Face-style) norms by running them once on a small probe
+            (see :func:`~normscope.discovery.find_norm_layers`). Default: False.
+        keep_records: how many of the most recent records :attr:`records` keeps. Default: 100000.
+
+    Example::
+
+        >>> with normscope.Monitor(model, sinks=[normscope.monitor.JSONLSink("run.jsonl")]) as mon:
+        ...     for batch in loader:
+        ...         loss = model(batch).loss
+        ...         loss.backward()
+        ...         opt.step()
+        ...         opt.zero_grad()
+        ...         mon.step()
+        >>> for f in mon.findings():
+        ...     print(f.severity, f.message)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        every: int = 1,
+        sinks: Optional[Union[Sink, Sequence[Sink]]] = None,
+        filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
+        row_fraction: float = 1.0,
+        eps_factor: float = 10.0,
+        hist_bins: int = 64,
+        hist_range: Tuple[float, float] = (-8.0, 8.0),
+        hist_max_elements: int = 2**20,
+        flush_every: Optional[int] = 100,
+        grads: bool = True,
+        thresholds: Optional[Thresholds] = None,
+        probe: bool = False,
+        keep_records: int = 100_000,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
+        orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(orig, torch.nn.Module):
+            model = orig
+        _check_int("every", every)
+        _check_int("hist_bins", hist_bins)
+        _check_int("hist_max_elements", hist_max_elements)
+        _check_int("keep_records", keep_records)
+        if flush_every is not None:
+            _check_int("flush_every", flush_every)
+        if not _is_real(row_fraction) or not 0.0 < row_fraction <= 1.0:
+            raise ValueError(f"Expected row_fraction to be in (0, 1], but got {row_fraction!r}")
+        if not _is_real(eps_factor) or not math.isfinite(eps_factor) or eps_factor <= 0:
+            raise ValueError(f"Expected eps_factor to be a positive finite number, but got {eps_factor!r}")
+        if (not isinstance(hist_range, (tuple, list)) or len(hist_range) != 2 or not all(map(_is_real, hist_range))
+                or not (math.isfinite(hist_range[0]) and math.isfinite(hist_range[1]))
+                or not hist_range[0] < hist_range[1]):
+            raise ValueError(f"Expected hist_range to be a pair (low, high) of finite numbers with low < high, "
+                             f"but got {hist_range!r}")
+        if thresholds is None:
+            thresholds = Thresholds()
+        elif not isinstance(thresholds, Thresholds):
+            raise TypeError(f"Expected thresholds to be a normscope.monitor.Thresholds, but got "
+                            f"{type(thresholds).__name__}")
+        if sinks is None:
+            sinks = []
+        elif isinstance(sinks, Sink) or (hasattr(sinks, "write") and not isinstance(sinks, (list, tuple))):
+            sinks = [sinks]
+        sinks = list(sinks)
+        for s in sinks:
+            if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
+                raise TypeError(f"Expected each sink to have write(records) and close() methods, but got "
+                                f"{type(s).__name__}")
+
+        layers = find_norm_layers(model, filter_fn, probe=probe)
+        if not layers:
+            raise ValueError("Expected a model with at least one normalization layer, but found none"
+                             + (" that filter_fn accepts" if filter_fn is not None else ""))
+
+        self._layers: List[NormLayer] = layers
+        self._every = int(every)
+        self._stride = max(1, int(round(1.0 / row_fraction)))
+        self._row_fraction = float(row_fraction)
+        self._eps_factor = float(eps_factor)
+        self._layout = L.Layout(int(hist_bins), (float(hist_range[0]), float(hist_range[1])))
+        self._hist_max_elements = int(hist_max_elements)
+        self._flush_every = flush_every
+        self._grads = bool(grads)
+        self._thresholds = thresholds
+        self._sinks: List[Sink] = sinks
+        self._disabled_sinks: set = set()
+
+        self._states: Dict[torch.device, _DeviceState] = {}
+        self._counters = [_Counters() for _ in layers]
+        self._totals: List[Optional[L.WindowRaw]] = [None] * len(layers)
+        self._step = 0
+        self._sampling = True  # step 0 is sampled
+        self._closed = False
+        self._bwd_order = 0
+        self._step_calls: List[int] = []  # the layers called so far in this step, in call order
+        # The call sequence of sampled steps, stored only where it changes: (first step, sequence).
+        self._order_changes: List[Tuple[int, Tuple[int, ...]]] = []
+        self._grad_layers_step: set = set()
+        self._dtypes: List[torch.dtype] = [torch.float32] * len(layers)  # last input dtype (for eps=None)
+
+        self._records: collections.deque = collections.deque(maxlen=int(keep_records))
+        self._findings: List[Finding] = []
+        self._active: set = set()  # (layer, kind, detail) conditions already reported
+        self._nonfinite_active = False
+        self._grad_history: Dict[Tuple[int, str], collections.deque] = {}
+        self._run_written = False
+
+        # Reference copies of gamma / beta for drift, taken now.
+        self._refs: List[Dict[str, Tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        for layer in layers:
+            params = {}
+            for pname in ("weight", "bias"):
+                p = getattr(layer.module, pname, None)
+                if isinstance(p, torch.Tensor) and p.numel() > 0 and p.device.type != "meta":
+                    with torch.no_grad():
+                        params[pname] = (p, p.detach().clone())
+            self._refs.append(params)
+
+        self._handles = []
+        for i, layer in enumerate(layers):
+            m = layer.module
+            self._handles.append(m.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._make_hook(i), with_kwargs=True))
+            if self._grads:
+                for col, pname in ((1, "weight"), (2, "bias")):
+                    p = getattr(m, pname, None)
+                    if isinstance(p, torch.nn.Parameter) and p.requires_grad:
+                        self._handles.append(p.register_post_accumulate_grad_hook(self._make_param_hook(i, col)))
+
+    # --- public API -----------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> List[NormLayer]:
+        """The monitored layers, in ``named_modules()`` order."""
+        return list(self._layers)
+
+    @property
+    def current_step(self) -> int:
+        """The step now being recorded: 0 until the first :meth:`step` call."""
+        return self._step
+
+    @property
+    def records(self) -> List[dict]:
+        """The most recent records (run, layer statistics, findings), oldest first."""
+        return list(self._records)
+
+    def step(self) -> None:
+        """End the current step: fold its gradient norms in, advance, and flush every ``flush_every`` steps.
+
+        Issues a few device operations when gradients were seen, and no host synchronisation (except
+        for the flush itself).
+        """
+        if self._closed:
+            raise RuntimeError("Expected an open Monitor, but step() was called after close()")
+        if self._step_calls:
+            t = tuple(self._step_calls)
+            if not self._order_changes or self._order_changes[-1][1] != t:
+                self._order_changes.append((self._step, t))
+        self._fold_pending()
+        self._step += 1
+        self._bwd_order = 0
+        self._step_calls = []
+        self._sampling = self._step % self._every == 0
+        if self._flush_every is not None and self._step % self._flush_every == 0:
+            self.flush()
+
+    def _fold_pending(self) -> None:
+        for st in self._states.values():
+            if st.grad_touched:
+                self._fold_grads(st)
+        for i in self._grad_layers_step:
+            self._counters[i].saw_step(self._step)
+        self._grad_layers_step = set()
+
+    def flush(self) -> List[dict]:
+        """Read the window's statistics back (one transfer per device), derive findings, feed the sinks.
+
+        Returns:
+            The records of this window (run record first time, one ``layer_stats`` per active layer,
+            then the new findings); empty when nothing was recorded since the last flush.
+        """
+        active = [i for i, c in enumerate(self._counters) if c.active]
+        if not active:
+            return []
+        raws = self._read_window(active)
+        records: List[dict] = []
+        if not self._run_written:
+            records.append(self._run_record())
+            self._run_written = True
+        stats = {}
+        for i in active:
+            layer, raw = self._layers[i], raws[i]
+            s = raw.stats(self._eps(i), self._eps_factor)
+            stats[i] = s
+            records.append({"type": "layer_stats", "step": raw.last_step, "window_start": raw.first_step,
+                            "window_end": raw.last_step, "steps": raw.steps, "layer": layer.name,
+                            "kind": layer.kind, **s})
+            if self._totals[i] is None:
+                self._totals[i] = raw.copy()
+            else:
+                self._totals[i].merge(raw)
+        new = self._detect(raws, stats)
+        self._findings.extend(new)
+        records.extend(f.to_record() for f in new)
+        self._order_changes = self._order_changes[-1:]
+        self._counters = [_Counters() for _ in self._layers]
+        self._emit(records)
+        return records
+
+    def findings(self) -> List[Finding]:
+        """Every finding so far, oldest first (flushes first, so that the current window counts)."""
+        if not self._closed:
+            self.flush()
+        return list(self._findings)
+
+    def snapshot(self) -> dict:
+        """Statistics of every layer accumulated since construction, as a JSON-serialisable dict.
+
+        Use it as the baseline of :meth:`compare` (save it with :func:`save_snapshot`). Flushes first.
+        """
+        if not self._closed:
+            self.flush()
+        layers = {}
+        for i, layer in enumerate(self._layers):
+            raw = self._totals[i]
+            if raw is None:
+                continue
+            s = raw.stats(self._eps(i), self._eps_factor)
+            layers[layer.name] = {"kind": layer.kind, "steps": raw.steps, **s, "var_hist": raw.var_hist[:-1]}
+        return {"format": SNAPSHOT_FORMAT, "step": self._step, "hist_range": list(self._layout.hist_range),
+                "hist_bins": self._layout.hist_bins, "var_log10_range": list(L.VAR_LOG10_RANGE),
+                "var_bins_per_decade": L.VAR_BINS_PER_DECADE, "layers": layers}
+
+    def compare(self, baseline: Union[dict, str, "os.PathLike[str]"], *, factor: Optional[float] = None
+                ) -> List[Finding]:
+        """Compare the input variance of each layer with a baseline :meth:`snapshot`.
+
+        A layer whose mean per-row input variance (accumulated since construction) is more than
+        ``factor`` times above or below the baseline's gets a ``variance_shift`` warning. Typical use:
+        snapshot the model before pruning or quantisation on calibration data, run the changed model
+        on the same data under a new monitor, and compare; flagged layers need recalibration. Layers
+        missing on either side are ignored. The findings are also recorded and sent to the sinks.
+
+        Args:
+            baseline: a :meth:`snapshot` dict, or the path of one saved with :func:`save_snapshot`.
+            factor: the ratio beyond which a layer is flagged. Default: ``thresholds.variance_shift``.
+
+        Returns:
+            The ``variance_shift`` findings, in layer order.
+        """
+        if isinstance(baseline, (str, os.PathLike)):
+            baseline = load_snapshot(baseline)
+        if not isinstance(baseline, dict) or not isinstance(baseline.get("layers"), dict):
+            raise TypeError(f"Expected baseline to be a Monitor.snapshot() dict or its path, but got "
+                            f"{type(baseline).__name__}")
+        factor = self._thresholds.variance_shift if factor is None else factor
+        if not _is_real(factor) or not factor > 1:
+            raise ValueError(f"Expected factor to be a number > 1, but got {factor!r}")
+        if not self._closed:
+            self.flush()
+        found = []
+        for i, layer in enumerate(self._layers):
+            base = baseline["layers"].get(layer.name)
+            raw = self._totals[i]
+            if base is None or raw is None:
+                continue
+            b, c = base.get("var_mean"), raw.stats(self._eps(i), self._eps_factor)["var_mean"]
+            if not (_is_real(b) and math.isfinite(b) and b > 0 and math.isfinite(c)):
+                continue
+            ratio = c / b
+            if ratio > factor or ratio < 1.0 / factor:
+                direction = "grew" if ratio > 1 else "shrank"
+                found.append(Finding(
+                    layer.name, self._step, "variance_shift", "warning", ratio,
+                    f"input variance of layer {layer.name} {direction} to {ratio:.3g}x its baseline "
+                    f"(mean per-row variance {c:.4g} vs {b:.4g}) by step {self._step}: the layers before it "
+                    f"changed (pruning, quantisation, fine-tuning); recalibrate this norm (re-estimate its "
+                    f"statistics or fine-tune its gamma/beta on calibration data)"))
+        self._findings.extend(found)
+        if found:
+            self._emit([f.to_record() for f in found])
+        return found
+
+    def close(self) -> None:
+        """Flush, remove every hook and close the sinks. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._fold_pending()  # gradients of a last step that step() did not end
+            self.flush()
+        finally:
+            self._closed = True
+            self._sampling = False
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            for sink in self._sinks:
+                if id(sink) in self._disabled_sinks:
+                    continue
+                try:
+                    sink.close()
+                except Exception as e:  # a failing sink must not break the run
+                    self._disable_sink(sink, e)
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Monitor({len(self._layers)} layers, every={self._every}, row_fraction={self._row_fraction}, "
+                f"step={self._step}{', closed' if self._closed else ''})")
+
+    # --- hooks ------------------------------------------------------------------------------------------
+
+    # Each hook is a cheap gate plus a heavy part. The gate only reads ``self._sampling``: on a step
+    # that is not sampled it returns at once, and torch.compile traces it away (guarding on the flag).
+    # The heavy part is wrapped in torch.compiler.disable, so that under torch.compile it runs eagerly
+    # at a graph break instead of being traced (tracing it would recompile at every step).
+
+    def _make_pre_hook(self, index: int):
+        heavy = _eager(functools.partial(self._pre_hook, index))
+
+        def pre_hook(module, args, kwargs):
+            if not self._sampling:
+                return None
+            return heavy(args, kwargs)
+
+        return pre_hook
+
+    def _pre_hook(self, index: int, args, kwargs):
+        if not self._grads or not torch.is_grad_enabled():
+            return None
+        x, where = _first_tensor(args, kwargs)
+        if x is None or not x.requires_grad or not x.is_floating_point():
+            return None
+        tapped = _GradTap.apply(x, self, index)
+        if isinstance(where, int):
+            return args[:where] + (tapped,) + args[where + 1:], kwargs
+        return args, {**kwargs, where: tapped}
+
+    def _make_hook(self, index: int):
+        heavy = _eager(functools.partial(self._hook, index))
+
+        def hook(module, args, kwargs, output):
+            if not self._sampling:
+                return None
+            heavy(args, kwargs, output)
+            return None
+
+        return hook
+
+    def _hook(self, index: int, args, kwargs, output) -> None:
+        x, _ = _first_tensor(args, kwargs)
+        y = output
+        if isinstance(output, (tuple, list)) and output:
+            y = output[0]
+        self._observe(index, x, y if isinstance(y, torch.Tensor) else None)
+
+    def _make_param_hook(self, index: int, col: int):
+        heavy = _eager(functools.partial(self._param_hook, index, col))
+
+        def hook(param):
+            if self._sampling:
+                heavy(param)
+
+        return hook
+
+    def _param_hook(self, index: int, col: int, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._on_param_grad(index, col, param.grad)
+
+    def _state(self, device: torch.device) -> _DeviceState:
+        st = self._states.get(device)
+        if st is None:
+            st = self._states[device] = _DeviceState(device, len(self._layers), self._layout)
+        return st
+
+    def _rows(self, layer: NormLayer, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """``t`` as a 2-D (rows, values) tensor, a row being one vector the layer normalizes; None if unknown."""
+        kind, m = layer.kind, layer.module
+        if kind in ("layer_norm", "rms_norm"):
+            shape = layer.normalized_shape
+            if getattr(m, "data_format", None) == "channels_first" and t.dim() >= 2:  # e.g. ConvNeXt's
+                t = t.movedim(1, -1)
+            k = len(shape)
+            if t.dim() < k or tuple(t.shape[t.dim() - k:]) != shape:
+                return None
+            return t.reshape(-1, math.prod(shape))
+        if t.dim() < 2:
+            return None
+        if kind == "group_norm":
+            return t.reshape(t.shape[0] * m.num_groups, -1)
+        if kind == "instance_norm":
+            no_batch = m._get_no_batch_dim() if hasattr(m, "_get_no_batch_dim") else -1
+            if t.dim() == no_batch:
+                return t.reshape(t.shape[0], -1)
+            return t.reshape(t.shape[0] * t.shape[1], -1)
+        if kind == "batch_norm":
+            return t.transpose(0, 1).reshape(t.shape[1], -1)
+        return None
+
+    def _eps(self, index: int) -> float:
+        return effective_eps(self._layers[index], self._dtypes[index])
+
+    @torch.no_grad()
+    def _observe(self, i: int, x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> None:
+        """Accumulate one forward call of layer ``i``. Device operations only: no host synchronisation."""
+        counters = self._counters[i]
+        order = len(self._step_calls)
+        if order > L.MAX_ORDER:
+            counters.skipped_calls += 1
+            return
+        self._step_calls.append(i)
+        if (x is None or y is None or not x.is_floating_point() or not y.is_floating_point()
+                or x.shape != y.shape or x.numel() == 0):
+            counters.skipped_calls += 1
+            return
+        layer = self._layers[i]
+        xr, yr = self._rows(layer, x), self._rows(layer, y)
+        if xr is None or yr is None:
+            counters.skipped_calls += 1
+            return
+        self._dtypes[i] = x.dtype
+        n_rows = xr.shape[0]
+        start = (self._step % self._stride) % n_rows
+        xs, ys = xr[start::self._stride], yr[start::self._stride]
+        n_s = xs.shape[0]
+        counters.calls += 1
+        counters.rows += n_rows
+        counters.rows_sampled += n_s
+        counters.saw_step(self._step)
+
+        st = self._state(x.device)
+        st.dirty = True
+        sums_v, max_v, var_hist_v, in_hist_v = st.views[i]
+        acc = _F64 if x.dtype == _F64 else torch.float32
+        xs = xs.to(acc)
+        if layer.kind == "rms_norm":
+            mean, var = xs.mean(-1), xs.square().mean(-1)
+        else:
+            var, mean = torch.var_mean(xs, dim=-1, correction=0)
+        good = var < math.inf  # False for NaN and Inf: rows whose statistics are left out
+        mv = torch.stack([mean, var])
+        n_eps = (var < self._eps_factor * effective_eps(layer, x.dtype)).sum(dtype=_F64)
+        nan_in, inf_in = torch.isnan(x).sum(dtype=_F64), torch.isinf(x).sum(dtype=_F64)
+        nan_out, inf_out = torch.isnan(y).sum(dtype=_F64), torch.isinf(y).sum(dtype=_F64)
+        ys = ys.to(acc)
+        y0 = torch.nan_to_num(ys, nan=0.0, posinf=0.0, neginf=0.0)
+        bad_out = nan_out + inf_out if n_s == n_rows else (y0 != ys).sum(dtype=_F64)  # NaN != 0, Inf != 0
+        flags = torch.stack([nan_in + inf_in, bad_out, n_eps])
+        sums_v.add_(torch.cat([
+            good.sum(dtype=_F64).reshape(1),
+            torch.where(good, mv, 0.0).sum(1, dtype=_F64),
+            torch.stack([n_eps, nan_in, inf_in, nan_out, inf_out, ys.numel() - bad_out]),
+            torch.stack([y0.sum(dtype=_F64), y0.square().sum(dtype=_F64)]),
+        ]))
+        # Maxima: [max row mean, max row var, -min row mean, -min row var, -key(input non-finite),
+        # -key(output non-finite), -first eps step]; a key counts only where its event happened.
+        neg_keys = st.key_step * self._step + (st.key_order * order + st.key_const)
+        torch.maximum(max_v, torch.cat([
+            torch.where(good, torch.cat([mv, -mv]), -math.inf).amax(1),
+            torch.where(flags > 0, neg_keys, st.neg_inf),
+        ]), out=max_v)
+
+        var_e, in_e = st.edges(acc)
+        v_idx = torch.where(good, torch.bucketize(var, var_e, right=True), L.VAR_BINS + 2)
+        var_hist_v.scatter_add_(0, v_idx, st.one.expand(n_s))
+        max_rows = max(1, self._hist_max_elements // xs.shape[1])
+        hv = xs[::-(-n_s // max_rows)].reshape(-1)  # at most max_rows evenly spaced rows
+        h_idx = torch.where(torch.isnan(hv), self._layout.hist_bins + 2, torch.bucketize(hv, in_e, right=True))
+        in_hist_v.scatter_add_(0, h_idx, st.one.expand(hv.shape[0]))
+
+    @torch.no_grad()
+    def _on_input_grad(self, i: int, grad: Optional[torch.Tensor]) -> None:
+        """Backward of layer ``i``'s input tap: add |grad|^2 to this step's slot. No host synchronisation."""
+        if self._closed or grad is None:
+            return
+        st = self._state(grad.device)
+        order = self._bwd_order
+        self._bwd_order += 1
+        acc = _F64 if grad.dtype == _F64 else torch.float32
+        g_in, _, _, fired_in, _, key_v = st.grad_views[i]
+        gsq = torch.linalg.vector_norm(grad, dtype=acc).square()
+        g_in.add_(gsq)
+        fired_in.fill_(1.0)
+        key = self._step * L.KEY_STEP + min(order, L.MAX_ORDER)
+        torch.maximum(key_v, torch.where(gsq < math.inf, st.neg_inf, st.zero).sub_(key), out=key_v)
+        st.grad_touched = st.dirty = True
+        self._grad_layers_step.add(i)
+        self._counters[i].grad_events += 1
+
+    @torch.no_grad()
+    def _on_param_grad(self, i: int, col: int, grad: torch.Tensor) -> None:
+        """After a parameter's gradient accumulated: keep its |grad|^2 for this step (the last one wins)."""
+        if self._closed:
+            return
+        st = self._state(grad.device)
+        acc = _F64 if grad.dtype == _F64 else torch.float32
+        views = st.grad_views[i]
+        views[col].copy_(torch.linalg.vector_norm(grad, dtype=acc).square())
+        views[4].fill_(1.0)
+        st.grad_touched = st.dirty = True
+        self._grad_layers_step.add(i)
+        self._counters[i].grad_events += 1
+
+    @torch.no_grad()
+    def _fold_grads(self, st: _DeviceState) -> None:
+        """Fold this step's gradient norms into the window, for all layers at once (device operations)."""
+        s, m, b = st.slots, st.fired, st.buf
+        g = torch.stack([s[:, 0], s[:, 1] + s[:, 2]], 1).sqrt_()  # (layers, [input, params])
+        b[:, L.S_GIN_SUM:L.S_GIN_SUM + 2].add_(g * m)
+        b[:, L.S_GIN_N:L.S_GIN_N + 2].add_(m)
+        on = m > 0
+        hi = b[:, L.M_GIN_MAX:L.M_GIN_MAX + 2]
+        hi.copy_(torch.where(on, torch.maximum(hi, g), hi))
+        lo = b[:, L.M_GIN_NEGMIN:L.M_GIN_NEGMIN + 2]
+        lo.copy_(torch.where(on, torch.maximum(lo, -g), lo))
+        s.zero_()
+        m.zero_()
+        st.grad_touched = False
+
+    # --- flush --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _param_stats(self, i: int) -> Tuple[List[str], List[torch.Tensor]]:
+        names, values = [], []
+        for pname, (p, ref) in self._refs[i].items():
+            if ref.device != p.device:
+                ref = ref.to(p.device)
+                self._refs[i][pname] = (p, ref)
+            acc = _F64 if p.dtype == _F64 else torch.float32
+            w = p.detach().to(acc)
+            d = w - ref.to(acc)
+            names.append(pname)
+            values.append(torch.stack([
+                w.mean(), w.std(correction=0), w.amin(), w.amax(), torch.linalg.vector_norm(w),
+                torch.linalg.vector_norm(d), d.abs().amax(),
+            ]).to(_F64))
+        return names, values
+
+    def _read_window(self, active: List[int]) -> Dict[int, L.WindowRaw]:
+        """Pack each device's accumulators (and the parameter statistics) and read them in one transfer."""
+        per_device: Dict[torch.device, List[Tuple[int, str, torch.Tensor]]] = {}
+        with torch.no_grad():
+            for i in active:
+                names, values = self._param_stats(i)
+                for pname, v in zip(names, values):
+                    per_device.setdefault(v.device, []).append((i, pname, v))
+        raws: Dict[int, L.WindowRaw] = {}
+        params: Dict[int, Dict[str, float]] = {}
+        devices = [d for d, st in self._states.items() if st.dirty] + [d for d in per_device if
+                                                                      not (d in self._states and self._states[d].dirty)]
+        width = self._layout.width
+        for dev in devices:
+            st = self._states.get(dev)
+            use_buf = st is not None and st.dirty
+            pvals = per_device.get(dev, [])
+            with torch.no_grad():
+                parts = ([st.buf.reshape(-1)] if use_buf else []) + [v for _, _, v in pvals]
+                packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+                host = packed.to("cpu").tolist()  # the one device-to-host transfer for this device
+                if use_buf:
+                    st.buf.copy_(st.template)
+                    st.dirty = False
+            off = 0
+            if use_buf:
+                for i in active:
+                    raw = L.WindowRaw.from_row(host[i * width:(i + 1) * width], self._layout)
+                    raws[i] = raw if i not in raws else _merged(raws[i], raw)
+                off = len(self._layers) * width
+            for i, pname, _ in pvals:
+                mean, std, lo, hi, norm, dl2, dmax = host[off:off + 7]
+                off += 7
+                n = self._refs[i][pname][0].numel()
+                label = "weight" if pname == "weight" else "bias"
+                params.setdefault(i, {}).update({
+                    f"{label}_mean": mean, f"{label}_std": std, f"{label}_min": lo, f"{label}_max": hi,
+                    f"{label}_norm": norm, f"{label}_drift_l2": dl2, f"{label}_drift_max": dmax,
+                    f"{label}_drift_rms": dl2 / math.sqrt(n)})
+        for i in active:
+            raw = raws.get(i)
+            if raw is None:
+                raw = L.WindowRaw.from_row(self._layout.template_list(), self._layout)
+            c = self._counters[i]
+            raw.calls, raw.rows, raw.rows_sampled = c.calls, c.rows, c.rows_sampled
+            raw.skipped_calls, raw.steps = c.skipped_calls, c.steps
+            raw.first_step, raw.last_step = c.first_step, c.last_step
+            raw.params = params.get(i, {})
+            raws[i] = raw
+        return raws
+
+    def _calls_of(self, step: int) -> Tuple[int, ...]:
+        """The layers called in ``step``, in call order (as far as recorded)."""
+        if step == self._step:
+            return tuple(self._step_calls)
+        calls: Tuple[int, ...] = ()
+        for first, seq in self._order_changes:
+            if first > step:
+                break
+            calls = seq
+        return calls
+
+    def _run_record(self) -> dict:
+        return {"type": "run", "format": "normscope.monitor.run/1",
+                "layers": [x.name for x in self._layers], "kinds": [x.kind for x in self._layers],
+                "eps": [x.eps for x in self._layers], "every": self._every, "row_fraction": self._row_fraction,
+                "row_stride": self._stride, "eps_factor": self._eps_factor,
+                "hist_edges": self._layout.in_edges(), "var_edges": L.var_edges()}
+
+    def _emit(self, records: List[dict]) -> None:
+        self._records.extend(records)
+        for sink in self._sinks:
+            if id(sink) in self._disabled_sinks:
+                continue
+            try:
+                sink.write(records)
+            except Exception as e:  # a failing sink must not break the run nor lose the others' records
+                self._disable_sink(sink, e)
+
+    def _disable_sink(self, sink, error: Exception) -> None:
+        self._disabled_sinks.add(id(sink))
+        warnings.warn(f"normscope.Monitor: sink {sink!r} raised {type(error).__name__}: {error}; it is disabled "
+                      "for the rest of the run (the other sinks and the in-memory records are unaffected)",
+                      RuntimeWarning, stacklevel=3)
+
+    # --- findings -----------------------------------------------------------------------------------------
+
+    def _detect(self, raws: Dict[int, L.WindowRaw], stats: Dict[int, dict]) -> List[Finding]:
+        found: List[Finding] = []
+        current: set = set()
+        th = self._thresholds
+        names = [x.name for x in self._layers]
+
+        # First non-finite value in execution order: the smallest (step, order, output?) key.
+        keys = [(raw.first_key(col), i) for i, raw in raws.items()
+                for col in (L.M_NONFINITE_KEY, L.M_NONFINITE_OUT_KEY)]
+        keys = [(k, i) for k, i in keys if k is not None]
+        if keys and not self._nonfinite_active:
+            key, i = min(keys)
+            step, rest = divmod(key, L.KEY_STEP)
+            order, is_out = divmod(rest, 2)
+            s = stats[i]
+            if is_out:
+                found.append(Finding(
+                    names[i], step, "nonfinite_output", "error", float(s["nan_out"] + s["inf_out"]),
+                    f"first non-finite output in layer {names[i]} at step {step}, while its input was finite: "
+                    f"the normalization itself overflowed; check its gamma/beta and eps, or compute it in "
+                    f"float32"))
+            else:
+                calls = self._calls_of(step)
+                prev = names[calls[order - 1]] if 0 < order <= len(calls) else None
+                where = (f"between layer {prev} and this one" if prev is not None
+                         else "before the first monitored layer (model inputs, embeddings)")
+                found.append(Finding(
+                    names[i], step, "nonfinite_input", "error", float(s["nan_in"] + s["inf_in"]),
+                    f"first non-finite input in layer {names[i]} at step {step}: the NaN/Inf arose upstream, "
+                    f"{where}; inspect those operations (attention scores, activations, residual adds in low "
+                    f"precision), lower the learning rate or clip gradients"))
+        self._nonfinite_active = bool(keys) or any(
+            s["nan_in"] or s["inf_in"] or s["nan_out"] or s["inf_out"] for s in stats.values())
+
+        gkeys = [(raw.first_key(L.M_GRAD_NONFINITE_KEY), i) for i, raw in raws.items()]
+        gkeys = [(k, i) for k, i in gkeys if k is not None]
+        if gkeys:
+            key, i = min(gkeys)
+            step = key // L.KEY_STEP
+            current.add(("", "nonfinite_grad", ""))
+            if ("", "nonfinite_grad", "") not in self._active:
+                found.append(Finding(
+                    names[i], step, "nonfinite_grad", "error", math.nan,
+                    f"first non-finite gradient (in backward order) w.r.t. the input of layer {names[i]} at "
+                    f"step {step}: it arose in the backward pass between the loss and this layer; use gradient "
+                    f"clipping / loss scaling, or torch.autograd.detect_anomaly() to find the operation"))
+
+        for i, s in stats.items():
+            name = names[i]
+            raw = raws[i]
+            if s["eps_rows"] > 0:
+                current.add((name, "eps_dominated", ""))
+                if (name, "eps_dominated", "") not in self._active:
+                    frac = s["eps_fraction"]
+                    first = raw.first_key(L.M_EPS_KEY)
+                    step = first if first is not None else raw.last_step
+                    found.append(Finding(
+                        name, step, "eps_dominated", "warning" if frac >= th.eps_fraction else "info",
+                        float(s["eps_rows"]),
+                        f"{s['eps_rows']} of {s['rows_sampled']} sampled rows ({frac:.1%}) entering layer {name} "
+                        f"had variance below {self._eps_factor:g} * eps = {s['eps_threshold']:.3g} (first at step "
+                        f"{step}): eps, not the data, sets their scale; these are usually padding or constant "
+                        f"rows: mask them (normscope.masked_layer_norm / masked_rms_norm) or use a smaller eps"))
+            for label, greek in (("weight", "gamma"), ("bias", "beta")):
+                rms = s.get(f"{label}_drift_rms")
+                if rms is None or not rms > th.drift:  # NaN parameters follow a non-finite finding instead
+                    continue
+                kind = f"{label}_drift"
+                current.add((name, kind, ""))
+                if (name, kind, "") not in self._active:
+                    found.append(Finding(
+                        name, raw.last_step, kind, "warning", rms,
+                        f"{greek} ({label}) of layer {name} moved {rms:.3g} RMS ({s[f'{label}_drift_max']:.3g} "
+                        f"max-abs) from its reference by step {raw.last_step}: check the learning rate and weight "
+                        f"decay of normalization parameters (usually excluded from weight decay)"))
+
+        # Gradient norms: against the layer's own history, and against the other layers.
+        for metric, label in (("grad_input_norm", "input gradient norm"), ("grad_param_norm", "parameter "
+                                                                                              "gradient norm")):
+            values = {i: s[metric] for i, s in stats.items() if s[metric] is not None}
+            finite = {i: v for i, v in values.items() if math.isfinite(v)}
+            for i, v in finite.items():
+                name, raw = names[i], raws[i]
+                hist = self._grad_history.setdefault((i, metric), collections.deque(maxlen=th.grad_history_windows))
+                if len(hist) >= th.grad_history_min_windows:
+                    med = statistics.median(hist)
+                    if med > 0:
+                        ratio = v / med
+                        kind = ("grad_exploding" if ratio > th.grad_history else
+                                "grad_vanishing" if ratio < 1.0 / th.grad_history else None)
+                        if kind is not None:
+                            current.add((name, kind, metric))
+                            if (name, kind, metric) not in self._active:
+                                advice = ("clip gradients or lower the learning rate; eps-dominated rows also "
+                                          "amplify gradients (by up to 1/sqrt(eps))" if kind == "grad_exploding"
+                                          else "look for saturated or dead units, eps-dominated rows or a "
+                                               "detached path before this layer")
+                                found.append(Finding(
+                                    name, raw.last_step, kind, "warning", ratio,
+                                    f"{label} of layer {name} is {ratio:.3g}x its median over the previous "
+                                    f"{len(hist)} windows ({v:.3g} vs {med:.3g}) in steps {raw.first_step}-"
+                                    f"{raw.last_step}: {advice}"))
+                hist.append(v)
+            positive = sorted(v for v in finite.values() if v > 0)
+            # Across layers only for the input gradient: parameter gradients scale with each layer's
+            # position (the last norm before the loss has far larger ones), input gradients do not.
+            if metric == "grad_input_norm" and len(positive) >= 3:
+                for i, v in finite.items():
+                    others = [u for j, u in finite.items() if j != i and u > 0]
+                    med = statistics.median(others)
+                    ratio = v / med
+                    if th.grad_layers >= ratio >= 1.0 / th.grad_layers:
+                        continue
+                    name, raw = names[i], raws[i]
+                    current.add((name, "grad_outlier", metric))
+                    if (name, "grad_outlier", metric) not in self._active:
+                        found.append(Finding(
+                            name, raw.last_step, "grad_outlier", "warning", ratio,
+                            f"{label} of layer {name} is {ratio:.3g}x the median over the {len(others)} other layers "
+                            f"({v:.3g} vs {med:.3g}) in steps {raw.first_step}-{raw.last_step}: gradients "
+                            f"{'explode' if ratio > 1 else 'vanish'} around this layer; check its scale (gamma), "
+                            f"the branch feeding it, eps-dominated rows (which amplify gradients) and the learning "
+                            f"rate"))
+
+        observed = {names[i] for i in stats}
+        self._active = {k for k in self._active if k[0] not in observed and k[0] != ""} | current
+        return found
+
+
+def _merged(a: L.WindowRaw, b: L.WindowRaw) -> L.WindowRaw:
+    a.merge(b)
+    return a
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Expected {name} to be a positive int, but got {value!r}")
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def save_snapshot(snapshot: dict, path: Union[str, "os.PathLike[str]"]) -> None:
+    """Write a :meth:`Monitor.snapshot` to ``path`` as JSON."""
+    if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT:
+        raise TypeError(f"Expected a Monitor.snapshot() dict, but got {type(snapshot).__name__}")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(snapshot, f)
+
+
+def load_snapshot(path: Union[str, "os.PathLike[str]"]) -> dict:
+    """Read a snapshot written by :func:`save_snapshot`."""
+    with open(path, encoding="utf-8") as f:
+        snap = json.load(f)
+    if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"Expected a normscope monitor snapshot ({SNAPSHOT_FORMAT}), but got "
+                         f"{snap.get('format') if isinstance(snap, dict) else type(snap).__name__!r} in {path}")
+    return snap
+
