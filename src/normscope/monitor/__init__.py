@@ -6,7 +6,9 @@ more (Prometheus, TensorBoard) import their dependencies when constructed.
 
 from normscope.monitor._monitor import SNAPSHOT_FORMAT, Monitor, load_snapshot, save_snapshot
 from normscope.monitor.findings import FINDING_KINDS, SEVERITIES, Finding, Thresholds
+from normscope.monitor.prometheus import PrometheusSink
 from normscope.monitor.sinks import JSONLSink, Sink, Table, load
+from normscope.monitor.tensorboard import TensorBoardSink
 
 __all__ = [
     "Monitor",
@@ -16,6 +18,8 @@ __all__ = [
     "SEVERITIES",
     "Sink",
     "JSONLSink",
+    "PrometheusSink",
+    "TensorBoardSink",
     "Table",
     "load",
     "save_snapshot",

@@ -61,6 +61,9 @@ class _DeviceState:
         self._edges: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.dirty = False  # written since the last flush
         self.grad_touched = False  # a gradient hook wrote into slots during this step
+        # Under torch.distributed: window step index -> this step's (layers, [|g_in|^2, input grad seen]),
+        # reduced over ranks at flush (the global input-gradient norm of a step needs the per-step sum).
+        self.gin_hist: Dict[int, torch.Tensor] = {}
 
     def edges(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """(variance edges, input-histogram edges) in ``dtype``, computed on the device."""
@@ -170,6 +173,11 @@ class Monitor:
         probe: confirm duck-typed (Hugging Face-style) norms by running them once on a small probe
             (see :func:`~normscope.discovery.find_norm_layers`). Default: False.
         keep_records: how many of the most recent records :attr:`records` keeps. Default: 100000.
+        process_group: the ``torch.distributed`` group whose ranks' statistics :meth:`flush` combines
+            when ``torch.distributed`` is initialised; None for the default group. Default: None.
+        all_ranks: under ``torch.distributed``, feed the sinks on every rank; by default only rank 0
+            of the group writes to its sinks (every rank gets the global records and findings).
+            Default: False.
 
     Example::
 
@@ -201,6 +209,8 @@ class Monitor:
         thresholds: Optional[Thresholds] = None,
         probe: bool = False,
         keep_records: int = 100_000,
+        process_group=None,
+        all_ranks: bool = False,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
@@ -274,6 +284,9 @@ class Monitor:
         self._nonfinite_active = False
         self._grad_history: Dict[Tuple[int, str], collections.deque] = {}
         self._run_written = False
+        self._group = process_group
+        self._all_ranks = bool(all_ranks)
+        self._gin_steps = 0  # sampled steps folded in this window while torch.distributed was initialised
 
         # Reference copies of gamma / beta for drift, taken now.
         self._refs: List[Dict[str, Tuple[torch.nn.Parameter, torch.Tensor]]] = []
@@ -335,9 +348,14 @@ class Monitor:
             self.flush()
 
     def _fold_pending(self) -> None:
+        keep = self._sampling and _dist_initialized()  # the per-step input-gradient history (see flush)
         for st in self._states.values():
             if st.grad_touched:
+                if keep:
+                    st.gin_hist[self._gin_steps] = torch.stack([st.slots[:, 0], st.fired[:, 0]], 1)
                 self._fold_grads(st)
+        if keep:
+            self._gin_steps += 1
         for i in self._grad_layers_step:
             self._counters[i].saw_step(self._step)
         self._grad_layers_step = set()
@@ -345,14 +363,26 @@ class Monitor:
     def flush(self) -> List[dict]:
         """Read the window's statistics back (one transfer per device), derive findings, feed the sinks.
 
+        Under ``torch.distributed`` (initialised) it is a collective: every rank of the process group
+        must call it (and :meth:`findings`, :meth:`snapshot`, :meth:`compare`, :meth:`close`) in
+        step; it all-reduces the window (two ``all_reduce`` calls) and every rank gets the global
+        statistics. See docs/monitor.md, "Distributed".
+
         Returns:
             The records of this window (run record first time, one ``layer_stats`` per active layer,
             then the new findings); empty when nothing was recorded since the last flush.
         """
-        active = [i for i, c in enumerate(self._counters) if c.active]
+        if _dist_initialized():
+            raws = self._read_window_dist()
+            active = sorted(raws)
+        else:
+            active = [i for i, c in enumerate(self._counters) if c.active]
+            raws = self._read_window(active) if active else {}
+        for st in self._states.values():
+            st.gin_hist.clear()
+        self._gin_steps = 0
         if not active:
             return []
-        raws = self._read_window(active)
         records: List[dict] = []
         if not self._run_written:
             records.append(self._run_record())
@@ -741,14 +771,8 @@ class Monitor:
                     raws[i] = raw if i not in raws else _merged(raws[i], raw)
                 off = len(self._layers) * width
             for i, pname, _ in pvals:
-                mean, std, lo, hi, norm, dl2, dmax = host[off:off + 7]
+                params.setdefault(i, {}).update(self._param_fields(i, pname, host[off:off + 7]))
                 off += 7
-                n = self._refs[i][pname][0].numel()
-                label = "weight" if pname == "weight" else "bias"
-                params.setdefault(i, {}).update({
-                    f"{label}_mean": mean, f"{label}_std": std, f"{label}_min": lo, f"{label}_max": hi,
-                    f"{label}_norm": norm, f"{label}_drift_l2": dl2, f"{label}_drift_max": dmax,
-                    f"{label}_drift_rms": dl2 / math.sqrt(n)})
         for i in active:
             raw = raws.get(i)
             if raw is None:
@@ -759,6 +783,93 @@ class Monitor:
             raw.first_step, raw.last_step = c.first_step, c.last_step
             raw.params = params.get(i, {})
             raws[i] = raw
+        return raws
+
+    def _param_fields(self, i: int, pname: str, values: Sequence[float]) -> Dict[str, float]:
+        mean, std, lo, hi, norm, dl2, dmax = values
+        n = self._refs[i][pname][0].numel()
+        label = "weight" if pname == "weight" else "bias"
+        return {f"{label}_mean": mean, f"{label}_std": std, f"{label}_min": lo, f"{label}_max": hi,
+                f"{label}_norm": norm, f"{label}_drift_l2": dl2, f"{label}_drift_max": dmax,
+                f"{label}_drift_rms": dl2 / math.sqrt(n)}
+
+    def _read_window_dist(self) -> Dict[int, L.WindowRaw]:
+        """The window combined over the ranks of the process group: two ``all_reduce`` calls, then one read.
+
+        Every layer's row is reduced (whether active here or not, so that all ranks issue the same
+        collectives): one SUM over the sums, the histograms, the per-step input-gradient history and
+        the host counters, one MAX over the maxima (minima and first-event keys are stored negated)
+        and the step range. Gamma/beta statistics are this rank's (replicated parameters).
+        """
+        dist = torch.distributed
+        group, lay = self._group, self._layout
+        n, T, NS, H0 = len(self._layers), self._gin_steps, L.N_SUMS, L.HIST0
+        dev = _comm_device(group)
+        with torch.no_grad():
+            buf = None
+            hist = torch.zeros(T, n, 2, dtype=_F64, device=dev)
+            for st in self._states.values():  # this rank's devices: sums add, maxima take the maximum
+                b = st.buf.to(dev, copy=True)
+                if buf is None:
+                    buf = b
+                else:
+                    buf[:, :NS] += b[:, :NS]
+                    buf[:, H0:] += b[:, H0:]
+                    buf[:, NS:H0] = torch.maximum(buf[:, NS:H0], b[:, NS:H0])
+                if st.gin_hist:
+                    zero = torch.zeros(n, 2, dtype=_F64, device=st.device)
+                    hist += torch.stack([st.gin_hist.get(t, zero) for t in range(T)]).to(dev)
+                st.buf.copy_(st.template)
+                st.dirty = False
+            if buf is None:
+                buf = lay.template(dev).repeat(n, 1)
+            inf = math.inf
+            csum = torch.tensor([[c.calls, c.rows, c.rows_sampled, c.skipped_calls, c.grad_events]
+                                 for c in self._counters], dtype=_F64, device=dev)
+            cmax = torch.tensor([[c.steps, -inf if c.last_step is None else c.last_step,
+                                  -inf if c.first_step is None else -c.first_step] for c in self._counters],
+                                dtype=_F64, device=dev)
+            sum_v = torch.cat([buf[:, :NS].reshape(-1), buf[:, H0:].reshape(-1), hist.reshape(-1), csum.reshape(-1)])
+            max_v = torch.cat([buf[:, NS:H0].reshape(-1), cmax.reshape(-1)])
+            dist.all_reduce(sum_v, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(max_v, op=dist.ReduceOp.MAX, group=group)
+            # The input-gradient norm of a step: sqrt(sum over ranks of |g_in|^2) / world size, the norm of
+            # the gradient of the mean of the ranks' losses (what DDP optimises) over all samples.
+            o1, o2 = n * NS, n * NS + n * (lay.width - H0)
+            hist = sum_v[o2:o2 + T * n * 2].view(T, n, 2)
+            g, on = hist[..., 0].sqrt() / dist.get_world_size(group), hist[..., 1] > 0
+            none = torch.full((1, n), -inf, dtype=_F64, device=dev)
+            gin = torch.stack([torch.where(on, g, 0.0).sum(0), on.sum(0, dtype=_F64),
+                               torch.cat([torch.where(on, g, -inf), none]).amax(0),
+                               torch.cat([torch.where(on, -g, -inf), none]).amax(0)], 1)
+            host = torch.cat([sum_v[:o2], sum_v[o2 + T * n * 2:], max_v, gin.reshape(-1)]).to("cpu").tolist()
+        nm, hw = H0 - NS, lay.width - H0
+        sums, hists = host[:o1], host[o1:o2]
+        o = o2
+        csum, o = host[o:o + 5 * n], o + 5 * n
+        maxima, o = host[o:o + n * nm], o + n * nm
+        cmax, o = host[o:o + 3 * n], o + 3 * n
+        gin = host[o:]
+        raws: Dict[int, L.WindowRaw] = {}
+        for i in range(n):
+            calls, rows, rows_sampled, skipped, grad_events = (int(v) for v in csum[5 * i:5 * i + 5])
+            if not (calls or skipped or grad_events):
+                continue
+            s, m, h = sums[i * NS:(i + 1) * NS], maxima[i * nm:(i + 1) * nm], hists[i * hw:(i + 1) * hw]
+            s[L.S_GIN_SUM], s[L.S_GIN_N], m[L.M_GIN_MAX - NS], m[L.M_GIN_NEGMIN - NS] = gin[4 * i:4 * i + 4]
+            steps, last, neg_first = cmax[3 * i:3 * i + 3]
+            raws[i] = L.WindowRaw(s, m, h[:L.VAR_BINS + 3], h[L.VAR_BINS + 3:], calls, rows, rows_sampled, skipped,
+                                  int(steps), None if neg_first == -inf else int(-neg_first),
+                                  None if last == -inf else int(last))
+        per_device: Dict[torch.device, List[Tuple[int, str, torch.Tensor]]] = {}
+        with torch.no_grad():  # gamma / beta: replicated under DDP, so this rank's (one read per device)
+            for i in raws:
+                for pname, v in zip(*self._param_stats(i)):
+                    per_device.setdefault(v.device, []).append((i, pname, v))
+            for pvals in per_device.values():
+                vals = torch.cat([v for _, _, v in pvals]).to("cpu").tolist()
+                for j, (i, pname, _) in enumerate(pvals):
+                    raws[i].params.update(self._param_fields(i, pname, vals[7 * j:7 * j + 7]))
         return raws
 
     def _calls_of(self, step: int) -> Tuple[int, ...]:
@@ -781,6 +892,8 @@ class Monitor:
 
     def _emit(self, records: List[dict]) -> None:
         self._records.extend(records)
+        if not self._all_ranks and _dist_initialized() and torch.distributed.get_rank(self._group) != 0:
+            return  # the global records go to the sinks of rank 0 only
         for sink in self._sinks:
             if id(sink) in self._disabled_sinks:
                 continue
@@ -929,6 +1042,17 @@ class Monitor:
 def _merged(a: L.WindowRaw, b: L.WindowRaw) -> L.WindowRaw:
     a.merge(b)
     return a
+
+
+def _dist_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _comm_device(group) -> torch.device:
+    """Where the collectives run: the current CUDA device for NCCL, the CPU otherwise."""
+    if "nccl" in str(torch.distributed.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_int(name: str, value) -> None:
