@@ -5,6 +5,7 @@ or transformers), and it does not initialise CUDA.
 """
 
 from normscope import nn  # noqa: F401
+from normscope.analysis import analyze, export_onnx
 from normscope.functional import (
     add_layer_norm,
     add_rms_norm,
@@ -28,5 +29,7 @@ __all__ = [
     "nn",
     "convert",
     "Monitor",
+    "analyze",
+    "export_onnx",
     "__version__",
 ]

@@ -1,0 +1,501 @@
+"""ONNX export of models that contain normscope modules or ops, with a count of the norm operators
+in the exported graph and a numerical check against PyTorch under onnxruntime.
+
+How normscope ops export: the model is captured with :func:`torch.export.export`, then the
+``normscope::norm_fwd`` custom op is decomposed (:func:`onnx_decompositions`) into the ATen ops
+that torch's own norms trace to (``aten.native_layer_norm``, ``aten.rms_norm``, an ``add`` for the
+residual variants), and the result goes through torch's dynamo ONNX exporter. A normscope
+``LayerNorm`` therefore becomes exactly what ``torch.nn.LayerNorm`` becomes (one
+``LayerNormalization``, ``stash_type=1``) and a normscope ``RMSNorm`` what ``torch.nn.RMSNorm``
+becomes (one ``RMSNormalization`` at opset >= 23; below, torch's primitive pattern
+``Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul``); the only extra nodes are the
+``Reshape`` s to and from the op's 2-D layout. Masked ops export as the float32 reference
+computation (primitive ops only; no norm operator).
+
+``onnx``, ``onnxruntime`` and ``onnxscript`` are imported only when :func:`export_onnx` runs
+(``pip install 'normscope[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import normscope.ops.core  # noqa: F401  (registers normscope::norm_fwd)
+from normscope.discovery import find_norm_layers
+from normscope.ops import reference as R
+
+__all__ = ["export_onnx", "ExportReport", "onnx_decompositions", "count_norm_nodes", "NORM_OP_TYPES",
+           "DEFAULT_OPSET"]
+
+#: Default opset: the lowest that torch's dynamo exporter emits natively (opset 17 is reached by a
+#: version conversion, which may fail and leave the model at 18). Use 23 for ``RMSNormalization``.
+DEFAULT_OPSET = 18
+
+#: ONNX operator types counted as one normalization each (``com.microsoft`` fused ops included).
+NORM_OP_TYPES = (
+    "LayerNormalization",
+    "RMSNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+)
+#: Names under which :func:`count_norm_nodes` reports primitive-op normalization patterns.
+RMS_PATTERN = "RMSNormPattern"
+LAYER_NORM_PATTERN = "LayerNormPattern"
+
+# Tolerance (atol, rtol) on max |onnx - torch| <= atol + rtol * max |torch|, by output dtype.
+_TOLERANCES = {
+    torch.float64: (1e-8, 1e-8),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+_INSTALL_HINT = "pip install 'normscope[onnx]'"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and found.
+
+    Attributes:
+        path: the ONNX file written.
+        opset: the default-domain opset of the written model (may differ from the one asked for when
+            torch's exporter could not convert down to it; see ``warnings``).
+        exporter: ``"dynamo"`` (``torch.onnx.export(..., dynamo=True)`` on a ``torch.export`` program).
+        norm_nodes: count per norm operator type in the graph (:data:`NORM_OP_TYPES`) and per
+            primitive pattern (``"RMSNormPattern"``, ``"LayerNormPattern"``); only non-zero entries.
+        expected_norms: LayerNorm / RMSNorm layers of the model found by
+            :func:`normscope.discovery.find_norm_layers`.
+        max_abs_diff: max absolute difference between onnxruntime's and PyTorch's outputs over all
+            floating outputs (``None`` when ``verify=False``).
+        max_rel_diff: ``max_abs_diff / max |PyTorch output|`` (relative to the output's scale, not
+            element by element, which would blow up at outputs near 0); ``None`` when not verified.
+        ok: True when the norm node count equals ``expected_norms`` and (if verified) every output is
+            within the dtype's tolerance.
+        warnings: why ``ok`` is False, and other things worth knowing about the export.
+    """
+
+    path: str
+    opset: int
+    exporter: str
+    norm_nodes: Dict[str, int]
+    expected_norms: int
+    max_abs_diff: Optional[float]
+    max_rel_diff: Optional[float]
+    ok: bool
+    warnings: Tuple[str, ...] = ()
+
+    @property
+    def total_norm_nodes(self) -> int:
+        """Norm operators plus recognised primitive norm patterns in the graph."""
+        return sum(self.norm_nodes.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Decomposition of normscope::norm_fwd into exportable ATen ops
+# --------------------------------------------------------------------------------------------
+
+
+def _norm_fwd_decomposition(x, residual, mask, weight, bias, eps, rms, h_dtype):
+    m, n = x.shape
+    acc = R.acc_dtype(x.dtype, residual.dtype if residual is not None else x.dtype)
+    if mask is not None:
+        y, h, mean, rstd = R.norm_fwd(x, residual, mask, weight, bias, eps, rms, h_dtype)
+        h = x.new_empty((0,)) if h is None else h
+        mean = x.new_empty((0,), dtype=acc) if mean is None else mean
+        return y, h, mean, rstd
+    if residual is not None:
+        h_dtype = h_dtype or torch.promote_types(x.dtype, residual.dtype)
+        h = x + residual if x.dtype == residual.dtype == h_dtype else (x.to(acc) + residual.to(acc)).to(h_dtype)
+        xn = h
+    else:
+        h = x.new_empty((0,))
+        xn = x
+    params = [p for p in (weight, bias) if p is not None]
+    if any(p.dtype != xn.dtype for p in params):
+        # Mixed precision (e.g. float32 gamma with bfloat16 input): compute in the accumulation dtype
+        # as normscope does, then round once.
+        xn = xn.to(acc)
+        weight = None if weight is None else weight.to(acc)
+        bias = None if bias is None else bias.to(acc)
+    if rms:
+        y = torch.ops.aten.rms_norm.default(xn, [n], weight, eps)
+        mean = x.new_empty((0,), dtype=acc)
+        # rstd is never used at inference; a cheap placeholder keeps the op's output signature and is
+        # removed by the exporter's dead-code elimination.
+        rstd = x.new_zeros((m,), dtype=acc)
+    else:
+        y, mean, rstd = torch.ops.aten.native_layer_norm.default(xn, [n], weight, bias, eps)
+        mean, rstd = mean.reshape(m).to(acc), rstd.reshape(m).to(acc)
+    return y.to(x.dtype), h, mean, rstd
+
+
+def onnx_decompositions() -> Dict[Any, Any]:
+    """The decomposition table that makes normscope ops exportable with ``torch.onnx``.
+
+    Use it when calling the exporter yourself::
+
+        ep = torch.export.export(model, args).run_decompositions(onnx_decompositions())
+        torch.onnx.export(ep, args, "model.onnx", dynamo=True)
+
+    Only ``normscope::norm_fwd`` is decomposed (every other op is left to the ONNX exporter).
+    """
+    return {torch.ops.normscope.norm_fwd.default: _norm_fwd_decomposition}
+
+
+# --------------------------------------------------------------------------------------------
+# Counting norm operators and primitive patterns in an ONNX graph
+# --------------------------------------------------------------------------------------------
+
+_PASS_THROUGH = ("Cast", "Identity", "CastLike")
+
+
+def _constant_value(name: str, producers: Mapping[str, Any], initializers: Mapping[str, Any]):
+    from onnx import numpy_helper
+
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for attr in node.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+            if attr.name == "value_float":
+                return attr.f
+            if attr.name == "value_int":
+                return attr.i
+    return None
+
+
+def count_norm_nodes(model) -> Dict[str, int]:
+    """Count normalization operators and primitive norm patterns in an ONNX model.
+
+    Args:
+        model: an ``onnx.ModelProto`` or a path to an ``.onnx`` file.
+
+    Returns:
+        ``{op_type or pattern: count}`` with only non-zero entries. Operators: :data:`NORM_OP_TYPES`.
+        Patterns (each counted once): ``"RMSNormPattern"`` is ``ReduceMean(x*x or Pow(x, 2)) -> Add
+        -> Sqrt -> Reciprocal | Div`` (torch's RMSNorm below opset 23, Hugging Face ``LlamaRMSNorm``
+        and the like), ``"LayerNormPattern"`` the same over ``x - ReduceMean(x)``; ``Cast`` nodes in
+        between are skipped.
+    """
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    graph = model.graph
+    counts: Counter = Counter()
+    nodes = list(graph.node)
+    producers = {out: node for node in nodes for out in node.output}
+    consumers: Dict[str, List[Any]] = {}
+    for node in nodes:
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node)
+    initializers = {init.name: init for init in graph.initializer}
+
+    def producer(name):
+        node = producers.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH:
+            node = producers.get(node.input[0])
+        return node
+
+    def next_op(node, op_types):
+        stack = list(consumers.get(node.output[0], []))
+        while stack:
+            cand = stack.pop()
+            if cand.op_type in op_types:
+                return cand
+            if cand.op_type in _PASS_THROUGH:
+                stack.extend(consumers.get(cand.output[0], []))
+        return None
+
+    def squared_operand(node):
+        """The tensor name ``z`` if ``node`` computes ``z * z`` or ``z ** 2``, else None."""
+        if node is None:
+            return None
+        if node.op_type == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
+            return node.input[0]
+        if node.op_type == "Pow" and len(node.input) == 2:
+            value = _constant_value(node.input[1], producers, initializers)
+            try:
+                if value is None or float(getattr(value, "item", lambda: value)()) == 2.0:
+                    return node.input[0]
+            except (TypeError, ValueError):
+                return None
+        return None
+
+    for node in nodes:
+        if node.op_type in NORM_OP_TYPES:
+            counts[node.op_type] += 1
+            continue
+        if node.op_type != "ReduceMean":
+            continue
+        z = squared_operand(producer(node.input[0]))
+        if z is None:
+            continue
+        add = next_op(node, ("Add",))
+        sqrt = next_op(add, ("Sqrt",)) if add is not None else None
+        inv = next_op(sqrt, ("Reciprocal", "Div")) if sqrt is not None else None
+        if inv is None:
+            continue
+        src = producer(z)
+        centered = src is not None and src.op_type == "Sub" and (
+            (lambda p: p is not None and p.op_type == "ReduceMean")(producer(src.input[1]))
+        )
+        counts[LAYER_NORM_PATTERN if centered else RMS_PATTERN] += 1
+    return {k: v for k, v in sorted(counts.items()) if v}
+
+
+# --------------------------------------------------------------------------------------------
+# export_onnx
+# --------------------------------------------------------------------------------------------
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"normscope.export_onnx needs onnx, onnxruntime and onnxscript ({e}); install them with: "
+            f"{_INSTALL_HINT}"
+        ) from e
+
+
+def _check_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Expected path to be a str or os.PathLike, but got {type(path).__name__}")
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError("Expected path to be a non-empty file path, but got ''")
+    if os.path.isdir(path):
+        raise ValueError(f"Expected path to be a file path, but got the directory {path!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"Expected path in an existing directory, but {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"Expected a writable path, but cannot write {path!r}")
+    return path
+
+
+def _check_opset(opset) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
+        raise TypeError(f"Expected opset to be an int, but got {type(opset).__name__}")
+    if opset < 17:
+        raise ValueError(f"Expected opset >= 17 (LayerNormalization needs opset 17), but got {opset}")
+    return int(opset)
+
+
+def _split_inputs(example_inputs) -> Tuple[tuple, dict]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping):
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise TypeError("Expected example_inputs as a dict to have str keys (keyword arguments)")
+        return (), dict(example_inputs)
+    raise TypeError(
+        "Expected example_inputs to be a torch.Tensor, a tuple of positional arguments or a dict of keyword "
+        f"arguments, but got {type(example_inputs).__name__}"
+    )
+
+
+def _flat_tensors(obj) -> List[Tensor]:
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names: Sequence[str], level: int = logging.ERROR):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _to_numpy(t: Tensor):
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes  # installed with onnx
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Union[Tensor, tuple, list, Mapping[str, Any]],
+    path: Union[str, os.PathLike],
+    *,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+) -> ExportReport:
+    """Export ``model`` to ONNX, count its norm operators and check the file under onnxruntime.
+
+    normscope modules and ops export exactly as torch's norms do (see the module docstring): one
+    ``LayerNormalization`` per LayerNorm, one ``RMSNormalization`` per RMSNorm at ``opset >= 23``
+    (torch's ``Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul`` pattern below), ``Add`` + ``LayerNormalization``
+    for the fused residual ops. The model is exported in eval mode under ``torch.no_grad()`` with
+    static shapes (those of ``example_inputs``); its training flags are restored afterwards.
+
+    Args:
+        model: the model.
+        example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
+        path: the ``.onnx`` file to write (its directory must exist).
+        opset: ONNX opset, >= 17. Default: 18 (the exporter's native minimum; 17 is reached by a version
+            conversion that may fail, in which case the file stays at 18 and a warning says so).
+        verify: run the file with onnxruntime (``CPUExecutionProvider``) on ``example_inputs`` and
+            compare every floating output with PyTorch's. Default: True.
+
+    Returns:
+        An :class:`ExportReport`. ``ok`` is False, with a warning, when the graph holds a different
+        number of norm operators / patterns than the model has LayerNorm / RMSNorm layers, or when an
+        output differs from PyTorch's by more than the dtype's tolerance (float32: ``1e-4 + 1e-4 *
+        max|y|``).
+
+    Raises:
+        ImportError: onnx, onnxruntime or onnxscript is missing (``pip install 'normscope[onnx]'``).
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), normscope.nn.LayerNorm(8))
+        >>> report = normscope.export_onnx(model, torch.randn(2, 8), "model.onnx")
+        >>> report.norm_nodes, report.ok
+        ({'LayerNormalization': 1}, True)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
+    args, kwargs = _split_inputs(example_inputs)
+    path = _check_path(path)
+    opset = _check_opset(opset)
+    if not isinstance(verify, bool):
+        raise TypeError(f"Expected verify to be a bool, but got {type(verify).__name__}")
+    _require_onnx()
+    import onnx
+
+    warnings: List[str] = []
+    layers = [layer for layer in find_norm_layers(model) if layer.kind in ("layer_norm", "rms_norm")]
+    expected = len(layers)
+
+    with _eval_mode(model), torch.no_grad():
+        ep = torch.export.export(model, args, kwargs)
+        ep = ep.run_decompositions(onnx_decompositions())
+        with _quiet_loggers(["onnxscript", "torch.onnx", "onnx_ir"]):
+            program = torch.onnx.export(ep, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                        verbose=False, optimize=True)
+        program.save(path)
+        reference = _flat_tensors(model(*args, **kwargs)) if verify else []
+
+    proto = onnx.load(path, load_external_data=False)
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if written != opset:
+        warnings.append(f"asked for opset {opset}, but the exporter wrote opset {written}")
+    norm_nodes = count_norm_nodes(proto)
+    found = sum(norm_nodes.values())
+    if found != expected:
+        warnings.append(
+            f"expected {expected} norm operator(s) (one per LayerNorm / RMSNorm layer), but the graph has "
+            f"{found}: {norm_nodes or '{}'}"
+        )
+    ok = found == expected
+
+    max_abs = max_rel = None
+    if verify:
+        max_abs, max_rel, within, note = _verify(path, args, kwargs, reference)
+        if note:
+            warnings.append(note)
+        ok = ok and within
+    return ExportReport(path=path, opset=int(written), exporter="dynamo", norm_nodes=norm_nodes,
+                        expected_norms=expected, max_abs_diff=max_abs, max_rel_diff=max_rel, ok=ok,
+                        warnings=tuple(warnings))
+
+
+def _verify(path: str, args: tuple, kwargs: dict, reference: List[Tensor]):
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. bfloat16 graphs: ORT's CPU provider lacks most bfloat16 kernels
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, None, False, f"cannot verify: onnxruntime (CPUExecutionProvider) cannot load the model: {msg}"
+    inputs = _flat_tensors((args, kwargs))
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        return None, None, False, (
+            f"cannot verify: the ONNX graph has {len(names)} input(s) but example_inputs hold {len(inputs)} tensor(s)"
+        )
+    outputs = session.run(None, {n: _to_numpy(t) for n, t in zip(names, inputs)})
+    if len(outputs) != len(reference):
+        return None, None, False, (
+            f"cannot verify: the ONNX graph has {len(outputs)} output(s) but the model returned "
+            f"{len(reference)} tensor(s)"
+        )
+    max_abs, max_rel, within, bad = 0.0, 0.0, True, []
+    for i, (got, ref) in enumerate(zip(outputs, reference)):
+        if not ref.dtype.is_floating_point:
+            if not np.array_equal(np.asarray(got), ref.detach().cpu().numpy()):
+                within = False
+                bad.append(f"output {i} ({ref.dtype}) differs")
+            continue
+        r = ref.detach().cpu().double()
+        g = torch.from_numpy(np.asarray(got).astype(np.float64))
+        if g.shape != r.shape:
+            within = False
+            bad.append(f"output {i} has shape {list(g.shape)} in ONNX but {list(r.shape)} in PyTorch")
+            continue
+        if r.numel() == 0:
+            continue
+        diff = (g - r).abs()
+        finite = torch.isfinite(r)
+        if not bool((torch.isfinite(g) == finite).all()) or not bool((g[~finite] == r[~finite]).all()):
+            within = False
+            bad.append(f"output {i} has non-finite values in other places than PyTorch's")
+        diff = diff[finite]
+        if diff.numel() == 0:
+            continue
+        a = float(diff.max())
+        scale = float(r[finite].abs().max())
+        rel = a / scale if scale > 0 else (0.0 if a == 0 else math.inf)
+        atol, rtol = _TOLERANCES.get(ref.dtype, _TOLERANCES[torch.float32])
+        if a > atol + rtol * scale:
+            within = False
+            bad.append(f"output {i} ({ref.dtype}): max abs diff {a:.3g} > {atol:g} + {rtol:g} * {scale:.3g}")
+        max_abs, max_rel = max(max_abs, a), max(max_rel, rel)
+    note = ("onnxruntime and PyTorch disagree: " + "; ".join(bad)) if bad else ""
+    return max_abs, max_rel, within, note
