@@ -5,7 +5,7 @@ or transformers), and it does not initialise CUDA.
 """
 
 from normscope import nn  # noqa: F401
-from normscope.analysis import analyze, export_onnx
+from normscope.analysis import analyze, export_onnx, fold_norms_
 from normscope.functional import (
     add_layer_norm,
     add_rms_norm,
@@ -31,5 +31,6 @@ __all__ = [
     "Monitor",
     "analyze",
     "export_onnx",
+    "fold_norms_",
     "__version__",
 ]
