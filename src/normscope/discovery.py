@@ -20,7 +20,7 @@ import torch
 
 from normscope.ops.reference import layer_norm_ref, rms_norm_ref
 
-__all__ = ["NormLayer", "NORM_KINDS", "find_norm_layers", "effective_eps", "RMSStyle", "probe_rms_style",
+__all__ = ["NormLayer", "NORM_KINDS", "find_norm_layers", "effective_eps", "RMSStyle", "probe_norm", "probe_rms_style",
            "rms_style_candidate"]
 
 #: The kinds of normalization :func:`find_norm_layers` reports, by what the layer normalizes over.
@@ -57,6 +57,51 @@ def rms_style_candidate(module: torch.nn.Module) -> Optional[Tuple[torch.nn.Para
 
 
 @torch.no_grad()
+def probe_norm(
+    module: torch.nn.Module,
+    weight: torch.Tensor,
+    eps: float,
+    kinds: Tuple[str, ...] = ("rms_norm", "layer_norm"),
+) -> Tuple[Optional[str], Optional[float], str]:
+    """Run ``module`` on a fixed probe and match it to ``norm(x) * (offset + weight) [+ bias]``.
+
+    Tries each of ``kinds`` (``"rms_norm"``, ``"layer_norm"``) with ``offset`` 0 (plain) and 1
+    (Gemma-style ``1 + weight``), in that order, against the float64 reference. The probe is a
+    ``(4, N)`` input with a non-zero mean, which tells RMSNorm (no centering) from LayerNorm.
+
+    Returns:
+        ``(kind, offset, "")`` for the first match, or ``(None, None, reason)``.
+    """
+    if weight.device.type == "meta":
+        return None, None, "parameters are on the meta device; cannot probe what the module computes"
+    n = weight.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = (torch.randn(4, n, generator=gen) * 2.0 + 0.5).to(weight.device, weight.dtype)
+    try:
+        out = module(probe)
+    except Exception as e:  # a module that cannot run on a plain (4, N) input is not a per-vector norm
+        return None, None, f"probe forward failed: {type(e).__name__}: {e}"
+    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+        return None, None, "probe output is not a tensor of the input's shape"
+    out, x, w = out.double(), probe.double(), weight.double()
+    bias = getattr(module, "bias", None)
+    b = bias.double() if isinstance(bias, torch.Tensor) and bias.shape == weight.shape else None
+    rtol = _PROBE_RTOL.get(weight.dtype, 1e-4)
+    best = math.inf
+    for kind in kinds:
+        for offset in (0.0, 1.0):
+            if kind == "rms_norm":
+                ref = rms_norm_ref(x, n, w + offset, eps)
+            else:
+                ref = layer_norm_ref(x, n, w + offset, b, eps)
+            err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            if err <= rtol:
+                return kind, offset, ""
+            best = min(best, err)
+    names = " or ".join({"rms_norm": "RMSNorm", "layer_norm": "LayerNorm"}.get(k, k) for k in kinds)
+    return None, None, f"outputs do not match {names} (relative error {best:.2e} > {rtol:.0e})"
+
+
 def probe_rms_style(module: torch.nn.Module) -> Tuple[Optional[RMSStyle], str]:
     """Run ``module`` on a small probe and decide whether it is RMSNorm, plain or Gemma-style.
 
@@ -66,29 +111,9 @@ def probe_rms_style(module: torch.nn.Module) -> Tuple[Optional[RMSStyle], str]:
     if cand is None:
         return None, "not an RMSNorm-style module (needs a 1-D weight and variance_epsilon/eps)"
     weight, eps = cand
-    if weight.device.type == "meta":
-        return None, "parameters are on the meta device; cannot probe what the module computes"
-    n = weight.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    # A non-zero mean tells RMSNorm (no centering) from LayerNorm.
-    probe = (torch.randn(4, n, generator=gen) * 2.0 + 0.5).to(weight.device, weight.dtype)
-    try:
-        out = module(probe)
-    except Exception as e:  # a module that cannot run on a plain (4, N) input is not ours to swap
-        return None, f"probe forward failed: {type(e).__name__}: {e}"
-    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
-        return None, "probe output is not a tensor of the input's shape"
-    out = out.double()
-    rtol = _PROBE_RTOL.get(weight.dtype, 1e-4)
-    errors = {}
-    for offset in (0.0, 1.0):
-        ref = rms_norm_ref(probe.double(), n, weight.double() + offset, eps)
-        errors[offset] = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    offset = min(errors, key=errors.get)
-    if errors[offset] > rtol:
-        return None, (
-            f"outputs do not match RMSNorm (relative error {errors[offset]:.2e} > {rtol:.0e})"
-        )
+    kind, offset, reason = probe_norm(module, weight, eps, kinds=("rms_norm",))
+    if kind is None:
+        return None, reason
     return RMSStyle(eps=eps, weight_offset=offset), ""
 
 
@@ -145,33 +170,9 @@ def _layer_norm_style_candidate(module: torch.nn.Module) -> Optional[Tuple[torch
     return None if eps is None else (weight, eps)
 
 
-@torch.no_grad()
 def _probe_duck_kind(module: torch.nn.Module, weight: torch.Tensor, eps: float) -> Optional[str]:
     """``"rms_norm"`` or ``"layer_norm"`` from what ``module`` computes on a small probe, else None."""
-    if weight.device.type == "meta":
-        return None
-    n = weight.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    probe = (torch.randn(4, n, generator=gen) * 2.0 + 0.5).to(weight.device, weight.dtype)
-    try:
-        out = module(probe)
-    except Exception:  # a module that cannot run on a plain (4, N) input is not a per-vector norm
-        return None
-    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
-        return None
-    out, x, w = out.double(), probe.double(), weight.double()
-    bias = getattr(module, "bias", None)
-    b = bias.double() if isinstance(bias, torch.Tensor) and bias.shape == weight.shape else None
-    rtol = _PROBE_RTOL.get(weight.dtype, 1e-4)
-    candidates = {
-        "rms_norm": [rms_norm_ref(x, n, w + offset, eps) for offset in (0.0, 1.0)],
-        "layer_norm": [layer_norm_ref(x, n, w + offset, b, eps) for offset in (0.0, 1.0)],
-    }
-    for kind, refs in candidates.items():
-        for ref in refs:
-            if float((out - ref).norm() / ref.norm().clamp_min(1e-30)) <= rtol:
-                return kind
-    return None
+    return probe_norm(module, weight, eps)[0]
 
 
 def find_norm_layers(

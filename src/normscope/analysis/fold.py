@@ -12,14 +12,9 @@ import torch
 
 from normscope.analysis.placement import _split_inputs, analyze
 from normscope.analysis.tracer import is_linear_module, trace
-from normscope.discovery import NormLayer, find_norm_layers
-from normscope.ops.reference import layer_norm_ref, rms_norm_ref
+from normscope.discovery import NormLayer, find_norm_layers, probe_norm
 
 __all__ = ["fold_norms_", "FoldResult", "FoldedNorm", "SkippedNorm"]
-
-# Relative L2 error under which a probed module counts as computing the plain norm, per weight dtype.
-_PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
 
 class FoldedNorm(NamedTuple):
     """A norm whose affine parameters were folded: ``(norm, consumers, untied)``.
@@ -66,33 +61,12 @@ def _known_offset(layer: NormLayer) -> Optional[float]:
     return None
 
 
-@torch.no_grad()
 def _probe_offset(layer: NormLayer) -> Tuple[Optional[float], str]:
     """Run a module of unknown forward on a probe: which offset makes it ``norm(x) * (offset + weight) + bias``."""
-    module, weight = layer.module, layer.module.weight
-    if weight.device.type == "meta":
-        return None, "its parameters are on the meta device; cannot probe what it computes"
-    n = weight.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    probe = (torch.randn(4, n, generator=gen) * 2.0 + 0.5).to(weight.device, weight.dtype)
-    try:
-        out = module(probe)
-    except Exception as e:  # noqa: BLE001 - a module that cannot run on (4, N) is not folded
-        return None, f"probing what it computes failed: {type(e).__name__}: {e}"
-    if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
-        return None, "probing what it computes gave no tensor of the input's shape"
-    x, w, out = probe.double(), weight.double(), out.double()
-    bias = getattr(module, "bias", None)
-    b = bias.double() if isinstance(bias, torch.Tensor) else None
-    rtol = _PROBE_RTOL.get(weight.dtype, 1e-4)
-    for offset in (0.0, 1.0):
-        if layer.kind == "rms_norm":
-            ref = rms_norm_ref(x, n, w + offset, layer.eps)
-        else:
-            ref = layer_norm_ref(x, n, w + offset, b, layer.eps)
-        if float((out - ref).norm() / ref.norm().clamp_min(1e-30)) <= rtol:
-            return offset, ""
-    return None, f"probing showed it computes neither {layer.kind}(x) * weight nor * (1 + weight)"
+    kind, offset, reason = probe_norm(layer.module, layer.module.weight, layer.eps, kinds=(layer.kind,))
+    if kind is None:
+        return None, f"probing what it computes: {reason}"
+    return offset, ""
 
 
 def _aliases(model: torch.nn.Module) -> Dict[int, List[str]]:
