@@ -3,7 +3,8 @@
 One module per subcommand, each exposing ``add_parser(subparsers)`` and ``run(args) -> int``:
 
 * ``normscope bench`` -- run the benchmark harness (:mod:`normscope.bench`) and print its tables;
-* ``normscope env`` -- versions, CUDA and the backend normscope would choose.
+* ``normscope env`` -- versions, CUDA and the backend normscope would choose;
+* ``normscope export`` -- export a model to ONNX, count its norm operators and verify it.
 
 Subcommand modules import nothing heavy at import time; ``import normscope`` never imports this
 package. Bad usage prints one line on stderr and exits with status 2.
@@ -18,7 +19,7 @@ from typing import List, Optional
 
 __all__ = ["main", "build_parser", "ArgumentParser", "SUBCOMMANDS"]
 
-SUBCOMMANDS = ("bench", "env")
+SUBCOMMANDS = ("bench", "env", "export")
 
 
 class ArgumentParser(argparse.ArgumentParser):

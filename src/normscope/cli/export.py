@@ -1,0 +1,128 @@
+"""``normscope export``: export a model to ONNX, count its norm operators and verify it with onnxruntime.
+
+Exit status: 0 when the export checks out (:attr:`ExportReport.ok`), 1 when the export ran but the
+norm count or the numerical check failed (or the exporter itself failed), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import traceback
+
+HELP = "export a model to ONNX, count its norm operators and check it under onnxruntime"
+
+_EPILOG = """\
+MODEL is package.module:factory (a callable with no arguments returning (model, example_inputs);
+the module is imported from sys.path, which includes the current directory) or a local Hugging Face
+model directory (config.json + *.safetensors; loaded offline, example input_ids of shape (1, 16)).
+
+examples:
+  normscope export mypkg.models:tiny_mlp mlp.onnx
+  normscope export ./my-gpt2 gpt2.onnx --opset 23
+"""
+
+_ONNX_HINT = "pip install 'normscope[onnx]'"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("export", help=HELP, description=HELP, epilog=_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="package.module:factory or a Hugging Face model directory")
+    p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset, >= 17 (default: 18; 23 for RMSNormalization)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(run=run, prog=p.prog)
+    return p
+
+
+def _check_out(path: str) -> str:
+    """The output path, or a one-line complaint."""
+    if not path:
+        return "OUT.onnx must be a non-empty path"
+    if os.path.isdir(path):
+        return f"cannot write {path!r}: it is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        return f"cannot write {path!r}: {parent!r} {what}"
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"cannot write {path!r}: permission denied"
+    return ""
+
+
+def _missing_onnx() -> list:
+    return [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+
+
+def _fmt(x) -> str:
+    return "n/a (not verified)" if x is None else f"{x:.3g}"
+
+
+def summary(report, description: str = "") -> str:
+    lines = []
+    if description:
+        lines.append(f"model:       {description}")
+    lines.append(f"wrote:       {report.path}")
+    lines.append(f"exporter:    {report.exporter}, opset {report.opset}")
+    nodes = ", ".join(f"{k} x{v}" for k, v in report.norm_nodes.items()) or "none"
+    lines.append(f"norm nodes:  {nodes} (total {report.total_norm_nodes}, expected {report.expected_norms})")
+    lines.append(f"max abs diff: {_fmt(report.max_abs_diff)}")
+    lines.append(f"max rel diff: {_fmt(report.max_rel_diff)}")
+    for w in report.warnings:
+        lines.append(f"warning:     {w}")
+    lines.append("OK" if report.ok else "NOT OK")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    prog = getattr(args, "prog", "normscope export")
+    debug = getattr(args, "debug", False)
+
+    def fail(message: str, status: int = 2) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return status
+
+    from normscope.analysis.onnx_export import DEFAULT_OPSET
+
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    if opset < 17:
+        return fail(f"--opset must be >= 17 (LayerNormalization needs opset 17), got {opset}")
+    problem = _check_out(args.out)
+    if problem:
+        return fail(problem)
+    missing = _missing_onnx()
+    if missing:
+        return fail(f"ONNX export needs {', '.join(missing)}: {_ONNX_HINT}")
+
+    from normscope.cli._models import UsageError, load_model
+
+    try:
+        model, example_inputs, description = load_model(args.model)
+    except UsageError as e:
+        return fail(str(e))
+
+    from normscope.analysis.onnx_export import export_onnx
+
+    try:
+        report = export_onnx(model, example_inputs, args.out, opset=opset, verify=not args.no_verify)
+    except ImportError as e:
+        return fail(f"ONNX export needs onnx, onnxruntime and onnxscript ({e.name or e}): {_ONNX_HINT}")
+    except (TypeError, ValueError, PermissionError) as e:
+        # export_onnx's argument checks (example inputs, path, opset)
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, (TypeError, ValueError)) and not line.startswith("Expected"):
+            return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
+        return fail(line)
+    except Exception as e:  # noqa: BLE001 - the exporter failed on this model
+        line = (str(e).strip().splitlines() or [""])[0]
+        return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
+    sys.stdout.write(summary(report, description))
+    sys.stdout.flush()
+    return 0 if report.ok else 1
