@@ -494,13 +494,7 @@ class Monitor:
             for h in self._handles:
                 h.remove()
             self._handles = []
-            for sink in self._sinks:
-                if id(sink) in self._disabled_sinks:
-                    continue
-                try:
-                    sink.close()
-                except Exception as e:  # a failing sink must not break the run
-                    self._disable_sink(sink, e)
+            self._call_sinks("close")
 
     def __enter__(self) -> "Monitor":
         return self
@@ -899,11 +893,15 @@ class Monitor:
         self._records.extend(records)
         if not self._all_ranks and _dist_initialized() and torch.distributed.get_rank(self._group) != 0:
             return  # the global records go to the sinks of rank 0 only
+        self._call_sinks("write", records)
+
+    def _call_sinks(self, method: str, *args) -> None:
+        """Call ``method`` on every sink still enabled; one that raises is disabled with a warning."""
         for sink in self._sinks:
             if id(sink) in self._disabled_sinks:
                 continue
             try:
-                sink.write(records)
+                getattr(sink, method)(*args)
             except Exception as e:  # a failing sink must not break the run nor lose the others' records
                 self._disable_sink(sink, e)
 
