@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench lint
+.PHONY: setup test bench lint audit screenshot
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,16 @@ test: setup
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
+audit: setup
+	$(VENV)/bin/normscope audit --report normscope-report.html --json normscope-report.json
+
 bench: setup
 	$(VENV)/bin/normscope bench
+
+# Render the audit report with headless Chromium (Debian package chromium) into docs/images/.
+screenshot: setup
+	$(VENV)/bin/normscope audit --quiet --report normscope-report.html > /dev/null || true
+	$(PY) -m normscope.report.screenshot normscope-report.html docs/images/audit-report.png --width 1400 --height 2400
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks examples

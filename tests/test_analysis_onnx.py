@@ -181,3 +181,22 @@ def test_gpt2_from_config(tmp_path):
     report = export_onnx(model, {"input_ids": torch.randint(0, 99, (2, 7))}, tmp_path / "gpt2.onnx")
     assert report.norm_nodes == {"LayerNormalization": 5} and report.expected_norms == 5
     assert report.ok and report.max_abs_diff < 1e-4, report
+
+
+def test_export_cache_reuses_the_graph_of_an_identical_model_only(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    cache = tmp_path / "cache"
+    first = normscope.export_onnx(model, x, tmp_path / "a.onnx", cache_dir=cache)
+    second = normscope.export_onnx(model, x, tmp_path / "b.onnx", cache_dir=cache)
+    assert not first.cached and second.cached and second.ok and second.max_abs_diff is not None
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert len(list(cache.glob("*.onnx"))) == 1
+    # other weights, other input shape: exported again (and checked against the new weights)
+    with torch.no_grad():
+        model[1].weight.mul_(2.0)
+    third = normscope.export_onnx(model, x, tmp_path / "c.onnx", cache_dir=cache)
+    fourth = normscope.export_onnx(model, torch.randn(5, 8), tmp_path / "d.onnx", cache_dir=cache)
+    assert not third.cached and not fourth.cached and third.ok and fourth.ok
+    assert len(list(cache.glob("*.onnx"))) == 3

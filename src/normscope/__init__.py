@@ -4,8 +4,8 @@
 or transformers), and it does not initialise CUDA.
 """
 
-from normscope import nn  # noqa: F401
-from normscope.analysis import analyze, export_onnx, fold_norms_
+from normscope import checks, drift, nn  # noqa: F401
+from normscope.analysis import analyze, export_onnx, fold_norms_, quant_sensitivity
 from normscope.functional import (
     add_layer_norm,
     add_rms_norm,
@@ -32,5 +32,8 @@ __all__ = [
     "analyze",
     "export_onnx",
     "fold_norms_",
+    "quant_sensitivity",
+    "checks",
+    "drift",
     "__version__",
 ]

@@ -23,8 +23,10 @@ import logging
 import math
 import numbers
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -84,6 +86,7 @@ class ExportReport:
         ok: True when the norm node count equals ``expected_norms`` and (if verified) every output is
             within the dtype's tolerance.
         warnings: why ``ok`` is False, and other things worth knowing about the export.
+        cached: the graph was copied from the export cache (``cache_dir``) instead of exported again.
     """
 
     path: str
@@ -95,6 +98,7 @@ class ExportReport:
     max_rel_diff: Optional[float]
     ok: bool
     warnings: Tuple[str, ...] = ()
+    cached: bool = False
 
     @property
     def total_norm_nodes(self) -> int:
@@ -362,6 +366,7 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
+    cache_dir: Union[str, os.PathLike, None] = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX, count its norm operators and check the file under onnxruntime.
 
@@ -379,6 +384,12 @@ def export_onnx(
             conversion that may fail, in which case the file stays at 18 and a warning says so).
         verify: run the file with onnxruntime (``CPUExecutionProvider``) on ``example_inputs`` and
             compare every floating output with PyTorch's. Default: True.
+        cache_dir: keep exported graphs in this directory and reuse one when the same model is exported
+            again: the key hashes every parameter and buffer (names, dtypes, shapes, bytes), the source of
+            every module class, the input shapes and dtypes, the opset and the versions of normscope, torch,
+            onnx and onnxscript. The check with onnxruntime always runs. At most
+            :data:`EXPORT_CACHE_ENTRIES` graphs are kept (least recently used go first). Default: None (no
+            cache).
 
     Returns:
         An :class:`ExportReport`. ``ok`` is False, with a warning, when the graph holds a different
@@ -410,13 +421,24 @@ def export_onnx(
     layers = [layer for layer in find_norm_layers(model) if layer.kind in ("layer_norm", "rms_norm")]
     expected = len(layers)
 
+    cached_file = None
+    if cache_dir is not None:
+        cache = Path(os.fspath(cache_dir)).expanduser()
+        cached_file = cache / f"{_cache_key(model, args, kwargs, opset)}.onnx"
+    cached = cached_file is not None and cached_file.is_file()
     with _eval_mode(model), torch.no_grad():
-        ep = torch.export.export(model, args, kwargs)
-        ep = ep.run_decompositions(onnx_decompositions())
-        with _quiet_loggers(["onnxscript", "torch.onnx", "onnx_ir"]):
-            program = torch.onnx.export(ep, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                        verbose=False, optimize=True)
-        program.save(path)
+        if cached:
+            shutil.copyfile(cached_file, path)
+            os.utime(cached_file)  # least recently used goes first
+        else:
+            ep = torch.export.export(model, args, kwargs)
+            ep = ep.run_decompositions(onnx_decompositions())
+            with _quiet_loggers(["onnxscript", "torch.onnx", "onnx_ir"]):
+                program = torch.onnx.export(ep, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                            verbose=False, optimize=True)
+            program.save(path)
+            if cached_file is not None:
+                _cache_store(path, cached_file)
         reference = _flat_tensors(model(*args, **kwargs)) if verify else []
 
     proto = onnx.load(path, load_external_data=False)
@@ -440,7 +462,74 @@ def export_onnx(
         ok = ok and within
     return ExportReport(path=path, opset=int(written), exporter="dynamo", norm_nodes=norm_nodes,
                         expected_norms=expected, max_abs_diff=max_abs, max_rel_diff=max_rel, ok=ok,
-                        warnings=tuple(warnings))
+                        warnings=tuple(warnings), cached=cached)
+
+
+#: How many exported graphs an export cache directory keeps.
+EXPORT_CACHE_ENTRIES = 4
+
+
+def _cache_key(model: torch.nn.Module, args: tuple, kwargs: dict, opset: int) -> str:
+    import hashlib
+    import inspect
+    from importlib import metadata
+
+    import normscope
+
+    h = hashlib.blake2b(digest_size=20)
+
+    def add(*parts) -> None:
+        for part in parts:
+            h.update(part if isinstance(part, bytes) else str(part).encode())
+            h.update(b"\0")
+
+    add("normscope-onnx-cache/1", normscope.__version__, torch.__version__, opset)
+    for dist in ("onnx", "onnxscript"):
+        try:
+            add(dist, metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            add(dist, "none")
+    add(Path(__file__).read_bytes())  # the decompositions and export settings
+    classes = {}
+    for m in model.modules():
+        cls = type(m)
+        classes.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
+    for name in sorted(classes):
+        try:
+            source = inspect.getsource(classes[name])
+        except (OSError, TypeError):
+            source = ""
+        add(name, source)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        add(name, t.dtype, tuple(t.shape), t.device.type)
+        data = t.detach().cpu().contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        h.update(data.numpy().tobytes() if data.numel() else b"")
+    for t in _flat_tensors((args, kwargs)):
+        add("input", t.dtype, tuple(t.shape))
+    return h.hexdigest()
+
+
+def _cache_store(path: str, cached_file: Path) -> None:
+    """Copy an exported file into the cache (atomically) and drop the least recently used entries."""
+    import tempfile
+
+    try:
+        cached_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached_file.parent, suffix=".onnx.tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, cached_file)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        entries = sorted(cached_file.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[EXPORT_CACHE_ENTRIES:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache that cannot be written costs time, never correctness
 
 
 def _verify(path: str, args: tuple, kwargs: dict, reference: List[Tensor]):

@@ -2,6 +2,7 @@
 
 One module per subcommand, each exposing ``add_parser(subparsers)`` and ``run(args) -> int``:
 
+* ``normscope audit`` -- audit a model's normalization layers (default: the bundled MiniLM), HTML report;
 * ``normscope bench`` -- run the benchmark harness (:mod:`normscope.bench`) and print its tables;
 * ``normscope env`` -- versions, CUDA and the backend normscope would choose;
 * ``normscope export`` -- export a model to ONNX, count its norm operators and verify it.
@@ -19,7 +20,7 @@ from typing import List, Optional
 
 __all__ = ["main", "build_parser", "ArgumentParser", "SUBCOMMANDS"]
 
-SUBCOMMANDS = ("bench", "env", "export")
+SUBCOMMANDS = ("audit", "bench", "env", "export")
 
 
 class ArgumentParser(argparse.ArgumentParser):

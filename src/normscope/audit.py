@@ -1,0 +1,835 @@
+"""``normscope.audit``: everything normscope can say about the normalization layers of one model, in one pass.
+
+:func:`run_audit` runs, in order, each as a *step* that may fail without stopping the others:
+
+1. ``analysis`` -- :func:`normscope.analyze`: placement, consumers, foldability, eps/dtype risks.
+2. ``monitor`` -- a :class:`normscope.Monitor`-ed forward pass over the inputs and, when the model has
+   trainable parameters, a backward pass of a fixed random linear probe of the outputs (so that every
+   layer gets a gradient whatever the model's head): per-layer input statistics, histograms, NaN/Inf,
+   eps-dominated rows, gradient norms, and ``compare(baseline)`` when a baseline is given.
+3. ``export`` -- :func:`normscope.export_onnx` into a temporary file, checked with onnxruntime.
+4. ``quantization`` -- :func:`normscope.analysis.quant_sensitivity`: SQNR of the output per layer and
+   format, and of the whole model after dynamic int8 quantization of its Linear layers.
+5. ``profile`` -- forward time, the time spent inside the normalization layers (the guide's F3 latency
+   signal), and the top operators under ``torch.profiler``.
+
+The result is one JSON-friendly dict (schema: ``docs/audit.md``) that the terminal summary
+(:func:`summary_text`) and the HTML report (:func:`normscope.report.write_html`) both render. Its
+``findings`` merge the monitor's findings with the audit's own (kinds in :data:`AUDIT_FINDING_KINDS`);
+``exit_code`` is 1 when one of them has severity ``error``, else 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import contextlib
+import datetime
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from normscope.analysis.placement import _split_inputs
+
+__all__ = ["run_audit", "summary_text", "AUDIT_FINDING_KINDS", "AuditThresholds", "STEPS", "load_baseline"]
+
+#: The steps of an audit, in order.
+STEPS = ("analysis", "monitor", "export", "quantization", "profile")
+
+#: Finding kinds the audit adds to the monitor's (``normscope.monitor.FINDING_KINDS``).
+AUDIT_FINDING_KINDS: Dict[str, str] = {
+    "eps_underflow": "eps underflows to 0 (or is subnormal) in the dtype the statistics are computed in",
+    "reduced_precision": "statistics computed in float16/bfloat16 without a float32 upcast",
+    "eps_inconsistent": "eps differs between layers of the same kind",
+    "post_ln_depth": "post-LN layers: gradients of the first layers shrink with depth (warm-up needed)",
+    "not_foldable": "norms that cannot be folded into the following Linear layers, and why",
+    "quant_sensitive": "rounding this layer's gamma/beta alone costs output SQNR below the threshold",
+    "gamma_outliers": "gamma channels far larger than the layer's median: they set the quantization scale",
+    "int8_degradation": "dynamic int8 quantization of the Linear layers moves the output beyond the threshold",
+    "export_failed": "the ONNX export failed",
+    "export_mismatch": "the ONNX model under onnxruntime differs from PyTorch, or lost norm operators",
+    "norm_latency": "a large share of the forward time is spent in normalization layers",
+}
+
+
+class AuditThresholds:
+    """The thresholds that turn audit measurements into findings (defaults in parentheses).
+
+    Attributes:
+        quant_sqnr_db: a layer whose worst per-format output SQNR is below this is ``quant_sensitive`` (20 dB,
+            warning; below ``quant_sqnr_error_db`` (10 dB) an error).
+        gamma_outlier_ratio: max |gamma| / median |gamma| above this is ``gamma_outliers`` (info) (20).
+        int8_sqnr_db, int8_cosine: dynamic int8 output SQNR below (20 dB) or mean cosine below (0.99) is
+            ``int8_degradation`` (warning).
+        norm_share: normalization share of the forward time above this is ``norm_latency`` (warning) (0.10).
+    """
+
+    def __init__(self, *, quant_sqnr_db: float = 20.0, quant_sqnr_error_db: float = 10.0,
+                 gamma_outlier_ratio: float = 20.0, int8_sqnr_db: float = 20.0, int8_cosine: float = 0.99,
+                 norm_share: float = 0.10):
+        self.quant_sqnr_db = quant_sqnr_db
+        self.quant_sqnr_error_db = quant_sqnr_error_db
+        self.gamma_outlier_ratio = gamma_outlier_ratio
+        self.int8_sqnr_db = int8_sqnr_db
+        self.int8_cosine = int8_cosine
+        self.norm_share = norm_share
+
+    def to_dict(self) -> Dict[str, float]:
+        return dict(vars(self))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _finite_or_none(x) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _call(model: torch.nn.Module, example_inputs):
+    args, kwargs = _split_inputs(example_inputs)
+    return model(*args, **kwargs)
+
+
+def _float_outputs(out) -> List[torch.Tensor]:
+    """Every floating-point tensor in a model output (tensor, sequence, mapping, ModelOutput)."""
+    found: List[torch.Tensor] = []
+
+    def visit(o):
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point():
+                found.append(o)
+        elif isinstance(o, collections.abc.Mapping):
+            for v in o.values():
+                visit(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                visit(v)
+        elif hasattr(o, "to_tuple"):  # transformers ModelOutput that is not a Mapping
+            visit(o.to_tuple())
+
+    visit(out)
+    return found
+
+
+def _cast_inputs(example_inputs, dtype: torch.dtype):
+    """Floating tensors of the inputs cast to ``dtype`` (ids and masks untouched)."""
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        return v
+
+    if isinstance(example_inputs, torch.Tensor):
+        return cast(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return type(example_inputs)(cast(v) for v in example_inputs)
+    if isinstance(example_inputs, collections.abc.Mapping):
+        return {k: cast(v) for k, v in example_inputs.items()}
+    return example_inputs
+
+
+def _describe_inputs(example_inputs) -> str:
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+        return type(v).__name__
+
+    if isinstance(example_inputs, torch.Tensor):
+        return one(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return ", ".join(one(v) for v in example_inputs)
+    if isinstance(example_inputs, collections.abc.Mapping):
+        return ", ".join(f"{k} {one(v)}" for k, v in example_inputs.items())
+    return type(example_inputs).__name__
+
+
+def _small_config(model: torch.nn.Module) -> Dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        for m in model.modules():
+            config = getattr(m, "config", None)
+            if config is not None:
+                break
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    keep = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "hidden_act", "layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon", "n_embd", "n_layer", "n_head",
+            "d_model", "num_layers", "vocab_size", "max_position_embeddings", "torch_dtype", "dtype")
+    try:
+        d = config.to_dict()
+    except Exception:  # noqa: BLE001 - a config we cannot read is left out
+        return {}
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in d.items()
+            if k in keep}
+
+
+def _environment(device: torch.device) -> Dict[str, str]:
+    import normscope
+    from normscope.ops import dispatch
+
+    try:
+        backend = dispatch.default_backend(device)
+    except Exception as e:  # noqa: BLE001
+        backend = f"unknown ({type(e).__name__})"
+    return {"python": platform.python_version(), "torch": torch.__version__, "normscope": normscope.__version__,
+            "platform": platform.platform(terse=True), "machine": platform.machine(),
+            "threads": str(torch.get_num_threads()), "backend": backend, "device": str(device)}
+
+
+def load_baseline(path: str) -> dict:
+    """A monitor snapshot to compare against: a snapshot file (``save_snapshot``) or an audit JSON.
+
+    Raises:
+        ValueError: the file is neither.
+        OSError: it cannot be read.
+    """
+    import json
+
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"Expected the baseline {path!r} to be JSON (a monitor snapshot or an audit JSON), "
+                             f"but it does not parse: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("snapshot"), dict):
+        data = data["snapshot"]
+    if not (isinstance(data, dict) and isinstance(data.get("layers"), dict) and "format" in data):
+        raise ValueError(f"Expected the baseline {path!r} to be a monitor snapshot (normscope.monitor.save_snapshot) "
+                         "or the JSON of a previous audit (--json), but it is neither")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Audit:
+    def __init__(self, model, example_inputs, thresholds: AuditThresholds, progress):
+        self.model = model
+        self.inputs = example_inputs
+        self.t = thresholds
+        self.progress = progress
+        self.findings: List[dict] = []
+        self.steps: List[dict] = []
+        self.layers: Dict[str, dict] = {}  # name -> layer entry, in discovery order
+        self.result: Dict[str, Any] = {}
+
+    def finding(self, kind: str, severity: str, message: str, *, layer: Optional[str] = None,
+                step: Optional[int] = None, value: Optional[float] = None, source: str) -> None:
+        self.findings.append({"layer": layer, "step": step, "kind": kind, "severity": severity,
+                              "value": None if value is None else float(value), "message": message,
+                              "source": source})
+
+    def run_step(self, index: int, total: int, name: str, fn: Callable[[], Optional[str]]) -> None:
+        if self.progress is not None:
+            self.progress(index, total, name, None)
+        t0 = time.perf_counter()
+        status, message = "ok", None
+        try:
+            note = fn()
+            if note:
+                status, message = "skipped", note
+        except ImportError as e:
+            status, message = "skipped", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:  # noqa: BLE001 - one failing step must not lose the others
+            line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            status, message = "failed", f"{type(e).__name__}: {line}" if line else type(e).__name__
+        seconds = time.perf_counter() - t0
+        self.steps.append({"name": name, "status": status, "seconds": round(seconds, 3), "message": message})
+        if self.progress is not None:
+            self.progress(index, total, name, self.steps[-1])
+
+    # --- 1. analysis ------------------------------------------------------------------------------------
+
+    def analysis(self) -> None:
+        from normscope.analysis import analyze
+
+        report = analyze(self.model, self.inputs)
+        for lr in report.layers:
+            entry = self.layers.setdefault(lr.name, {"name": lr.name})
+            entry.update(lr.to_dict())
+            for risk in lr.risks:
+                if "without a float32 upcast" in risk:
+                    kind, severity = "reduced_precision", "warning"
+                elif "differs from the eps" in risk:
+                    kind, severity = "eps_inconsistent", "info"
+                elif "underflows to 0" in risk:
+                    kind, severity = "eps_underflow", "error"
+                else:
+                    kind, severity = "eps_underflow", "warning"
+                self.finding(kind, severity, f"{lr.name}: {risk}", layer=lr.name, source="analysis")
+        post = [lr for lr in report.layers if lr.placement == "post"]
+        if post:
+            n = len(post)
+            self.finding("post_ln_depth", "info",
+                         f"{n} of {len(report.layers)} norm layers are post-LN (the norm follows the residual add): "
+                         "at initialisation the gradients of the first layers shrink with depth (Xiong et al., "
+                         "2020); fine-tune with learning-rate warm-up, or prefer pre-LN for deep models",
+                         layer=post[0].name, value=n, source="analysis")
+        called = [lr for lr in report.layers if lr.placement != "unused"]
+        not_foldable = [lr for lr in called if not lr.foldable]
+        if called and not_foldable:
+            reasons = collections.Counter(lr.fold_reason for lr in not_foldable)
+            reason, count = reasons.most_common(1)[0]
+            self.finding("not_foldable", "info",
+                         f"{len(not_foldable)} of {len(called)} norm layers cannot be folded into the following "
+                         f"Linear layers for inference (most common reason, {count} layers: {reason})",
+                         value=len(not_foldable), source="analysis")
+        self.result["analysis"] = {"model": report.model, "risks": list(report.risks)}
+
+    # --- 2. monitor -------------------------------------------------------------------------------------
+
+    def monitor(self, baseline: Optional[dict]) -> None:
+        from normscope.discovery import find_norm_layers
+        from normscope.monitor import Monitor
+
+        model = self.model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        backward = bool(trainable) and torch.is_grad_enabled()
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # dropout off: statistics of what the model computes at inference
+        try:
+            with Monitor(model, flush_every=None, grads=backward) as mon:
+                if backward:
+                    out = _call(model, self.inputs)
+                    outs = _float_outputs(out)
+                    if not outs:
+                        raise ValueError("Expected the model output to contain a floating-point tensor, but found "
+                                         f"none in {type(out).__name__}")
+                    gen = torch.Generator().manual_seed(0)
+                    loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
+                               / math.sqrt(o.numel()) for o in outs)
+                    loss.backward()
+                else:
+                    with torch.no_grad():
+                        _call(model, self.inputs)
+                mon.step()
+                records = mon.flush()
+                snapshot = mon.snapshot()
+                findings = list(mon.findings())
+                if baseline is not None:
+                    findings += mon.compare(baseline)
+        finally:
+            for m, training in modes:
+                m.training = training
+            if backward:
+                for p in trainable:
+                    p.grad = None
+        run = next((r for r in mon.records if r.get("type") == "run"), None)
+        self.result["hist_edges"] = list(run["hist_edges"]) if run else None
+        self.result["snapshot"] = snapshot
+        self.result["monitor"] = {"backward": backward, "trainable_parameters": sum(p.numel() for p in trainable),
+                                  "baseline": baseline is not None,
+                                  "backward_note": None if backward else "no backward pass: the model has no "
+                                  "trainable parameters (or grad mode is off)"}
+        for r in records:
+            if r.get("type") != "layer_stats":
+                continue
+            entry = self.layers.setdefault(r["layer"], {"name": r["layer"]})
+            stats = {k: v for k, v in r.items() if k not in ("type", "layer", "in_hist")}
+            entry["stats"] = stats
+            entry["in_hist"] = list(r["in_hist"]) if r.get("in_hist") is not None else None
+        for f in findings:
+            self.finding(f.kind, f.severity, f.message, layer=f.layer, step=f.step, value=f.value, source="monitor")
+        # gamma vectors and their outlier channels (cheap, from the parameters themselves)
+        for layer in find_norm_layers(model):
+            entry = self.layers.setdefault(layer.name, {"name": layer.name})
+            w = getattr(layer.module, "weight", None)
+            if isinstance(w, torch.Tensor) and w.numel() > 0 and w.device.type != "meta":
+                g = w.detach().float().flatten().cpu()
+                entry["gamma"] = [round(float(v), 6) for v in g]
+                entry["gamma_outliers"] = _outliers(g)
+
+    # --- 3. export --------------------------------------------------------------------------------------
+
+    def export(self, opset: Optional[int], cache: bool) -> Optional[str]:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"needs {', '.join(missing)}: pip install 'normscope[onnx]'"
+        from normscope.analysis.onnx_export import DEFAULT_OPSET, export_onnx
+
+        opset = DEFAULT_OPSET if opset is None else opset
+        with tempfile.TemporaryDirectory(prefix="normscope-audit-") as d:
+            try:
+                with warnings.catch_warnings(), _quiet():
+                    warnings.simplefilter("ignore")
+                    rep = export_onnx(self.model, self.inputs, os.path.join(d, "model.onnx"), opset=opset,
+                                      cache_dir=_export_cache_dir() if cache else None)
+            except Exception as e:  # noqa: BLE001 - a model that does not export is a finding, not a crash
+                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                msg = f"{type(e).__name__}: {line}" if line else type(e).__name__
+                self.result["export"] = {"ok": False, "opset": opset, "exporter": "dynamo", "norm_nodes": {},
+                                         "expected_norms": None, "max_abs_diff": None, "max_rel_diff": None,
+                                         "error": msg, "warnings": []}
+                self.finding("export_failed", "warning", f"the ONNX export (opset {opset}) failed: {msg}",
+                             source="export")
+                return None
+        self.result["export"] = {"ok": rep.ok, "opset": rep.opset, "exporter": rep.exporter,
+                                 "norm_nodes": dict(rep.norm_nodes), "expected_norms": rep.expected_norms,
+                                 "max_abs_diff": rep.max_abs_diff, "max_rel_diff": rep.max_rel_diff, "error": None,
+                                 "warnings": list(rep.warnings), "cached": rep.cached}
+        if not rep.ok:
+            why = "; ".join(rep.warnings) or "the check failed"
+            self.finding("export_mismatch", "error", f"the ONNX model does not match PyTorch: {why}",
+                         value=rep.max_abs_diff, source="export")
+        return None
+
+    # --- 4. quantization --------------------------------------------------------------------------------
+
+    def quantization(self) -> None:
+        from normscope.analysis import quant_sensitivity
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rep = quant_sensitivity(self.model, self.inputs)
+        d = rep.to_dict()
+        self.result["quant"] = {"formats": d["formats"], "ranking": d["ranking"], "dynamic_int8": d["dynamic_int8"],
+                                "warnings": sorted({str(w.message) for w in caught
+                                                    if issubclass(w.category, UserWarning)})}
+        t = self.t
+        for lq in d["layers"]:
+            entry = self.layers.setdefault(lq["name"], {"name": lq["name"]})
+            entry["quant"] = {k: lq.get(k) for k in ("sqnr_db", "worst_format", "worst_sqnr_db", "outlier_ratio",
+                                                     "rank")}
+            worst = lq.get("worst_sqnr_db")
+            if worst is not None and worst < t.quant_sqnr_db:
+                severity = "error" if worst < t.quant_sqnr_error_db else "warning"
+                self.finding("quant_sensitive", severity,
+                             f"{lq['name']}: rounding only this layer's gamma/beta to {lq['worst_format']} brings the "
+                             f"output SQNR down to {worst:.1f} dB (threshold {t.quant_sqnr_db:g} dB); keep this "
+                             "layer's parameters in higher precision", layer=lq["name"], value=worst,
+                             source="quant")
+            ratio = lq.get("outlier_ratio")
+            if ratio is not None and ratio > t.gamma_outlier_ratio and lq.get("outlier_channels"):
+                chans = ", ".join(str(int(c[0])) for c in lq["outlier_channels"][:5]
+                                  if c[2] is not None and c[2] > t.gamma_outlier_ratio)
+                self.finding("gamma_outliers", "info",
+                             f"{lq['name']}: gamma has outlier channels ({chans}); the largest |gamma| is "
+                             f"{ratio:.0f}x the median, so per-tensor int8 rounds the other channels coarsely",
+                             layer=lq["name"], value=ratio, source="quant")
+        dyn = d.get("dynamic_int8")
+        if dyn and dyn.get("linear_layers"):
+            sq, cos = dyn.get("sqnr_db"), dyn.get("cosine_mean")
+            bad = (sq is not None and sq < t.int8_sqnr_db) or (cos is not None and cos < t.int8_cosine)
+            if bad:
+                self.finding("int8_degradation", "warning",
+                             f"dynamic int8 quantization of the {dyn['linear_layers']} Linear layers gives output "
+                             f"SQNR {_fmt(sq)} dB and mean cosine {_fmt(cos, 4)} (thresholds {t.int8_sqnr_db:g} dB, "
+                             f"{t.int8_cosine:g})", value=sq, source="quant")
+
+    # --- 5. profile -------------------------------------------------------------------------------------
+
+    def profile(self, repeats: int = 5) -> None:
+        from normscope.discovery import find_norm_layers
+
+        model = self.model
+        layers = find_norm_layers(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        per_layer = {layer.name: [] for layer in layers}
+        starts: Dict[str, float] = {}
+        handles = []
+
+        def pre(name):
+            def hook(module, args):
+                sync()
+                starts[name] = time.perf_counter()
+            return hook
+
+        def post(name):
+            def hook(module, args, output):
+                sync()
+                per_layer[name][-1] += time.perf_counter() - starts.pop(name, time.perf_counter())
+            return hook
+
+        try:
+            with torch.no_grad():
+                _call(model, self.inputs)  # warm-up
+                for layer in layers:
+                    handles.append(layer.module.register_forward_pre_hook(pre(layer.name)))
+                    handles.append(layer.module.register_forward_hook(post(layer.name)))
+                forward = []
+                for _ in range(repeats):
+                    for v in per_layer.values():
+                        v.append(0.0)
+                    sync()
+                    t0 = time.perf_counter()
+                    _call(model, self.inputs)
+                    sync()
+                    forward.append(time.perf_counter() - t0)
+                for h in handles:
+                    h.remove()
+                handles = []
+                top_ops = _top_ops(model, self.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes:
+                m.training = training
+        # The fastest run is the least disturbed one (other processes only ever add time); the norm layers'
+        # times come from the same run, so that the share compares like with like.
+        best = min(range(repeats), key=lambda i: forward[i])
+        forward_ms = 1e3 * forward[best]
+        layer_ms = {name: 1e3 * v[best] for name, v in per_layer.items()}
+        norm_ms = sum(layer_ms.values())
+        share = norm_ms / forward_ms if forward_ms > 0 else None
+        for name, ms in layer_ms.items():
+            self.layers.setdefault(name, {"name": name})["time_ms"] = round(ms, 4)
+        self.result["profile"] = {"forward_ms": round(forward_ms, 3), "norm_ms": round(norm_ms, 3),
+                                  "share": None if share is None else round(share, 4), "repeats": repeats,
+                                  "top_ops": top_ops, "threads": torch.get_num_threads()}
+        if share is not None and share > self.t.norm_share:
+            self.finding("norm_latency", "warning",
+                         f"normalization layers take {100 * share:.1f}% of the forward time ({norm_ms:.2f} of "
+                         f"{forward_ms:.2f} ms): fuse them (normscope.convert, add_layer_norm) or fold them "
+                         "(normscope.fold_norms_)", value=share, source="profile")
+
+
+def _export_cache_dir() -> str:
+    from normscope.ops.cpu_backend import _cache_dir
+
+    return os.path.join(str(_cache_dir()), "onnx")
+
+
+def _quiet():
+    """Silence the exporter's prints (torch.onnx writes progress lines to stdout)."""
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def _outliers(g: torch.Tensor, top_k: int = 5, min_ratio: float = 5.0) -> List[List[float]]:
+    """``[[channel, value, ratio to median |gamma|], ...]`` for the largest |gamma| channels above ``min_ratio``."""
+    a = g.abs()
+    med = float(a.median())
+    if not med > 0:
+        return []
+    ratio = a / med
+    k = min(top_k, g.numel())
+    vals, idx = torch.topk(ratio, k)
+    return [[int(i), round(float(g[i]), 6), round(float(r), 3)] for r, i in zip(vals, idx) if float(r) >= min_ratio]
+
+
+def _top_ops(model, inputs, k: int = 8) -> List[List[Any]]:
+    """The ``k`` ATen operators with the most time in one forward: ``[[name, ms, calls], ...]``.
+
+    Timed around each operator under a ``TorchDispatchMode`` (quiet, unlike torch.profiler's console
+    lines); on CUDA each operator is synchronised, so the figures are per-op latencies, not overlap.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    totals: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cuda = device.type == "cuda"
+
+    class _Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            if cuda:
+                torch.cuda.synchronize(device)
+            entry = totals[str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)]
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+            return out
+
+    with _Timer():
+        _call(model, inputs)
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:k]
+    return [[f"aten::{name}", round(1e3 * t, 4), int(n)] for name, (t, n) in rows]
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if math.isnan(x):
+        return "nan"
+    return f"{x:.{digits}g}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_audit(
+    model: torch.nn.Module,
+    example_inputs,
+    *,
+    name: Optional[str] = None,
+    source: Optional[str] = None,
+    inputs_description: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+    baseline: Optional[dict] = None,
+    steps: Sequence[str] = STEPS,
+    opset: Optional[int] = None,
+    export_cache: bool = True,
+    thresholds: Optional[AuditThresholds] = None,
+    progress: Optional[Callable[[int, int, str, Optional[dict]], None]] = None,
+) -> Dict[str, Any]:
+    """Audit the normalization layers of ``model`` on ``example_inputs``; return the audit result dict.
+
+    The model is used in place and left as it was (training flags, parameters and gradients restored);
+    with ``dtype`` it is converted first (``model.to(dtype)``: pass a model you do not need in float32,
+    as the CLI does).
+
+    Args:
+        model: the model; it must hold at least one normalization layer
+            (:func:`normscope.discovery.find_norm_layers`).
+        example_inputs: a Tensor, a tuple of positional arguments or a dict of keyword arguments.
+        name, source, inputs_description: how the report names the model, where it came from and its inputs.
+        dtype: run in this floating dtype (float32 / bfloat16 / float16); floating inputs are cast too.
+        baseline: a monitor snapshot (:func:`load_baseline`) to compare the layers' input variance with.
+        steps: which of :data:`STEPS` to run (``analysis`` and ``monitor`` always run first when listed).
+        opset: ONNX opset of the export check (default: :data:`normscope.analysis.onnx_export.DEFAULT_OPSET`).
+        export_cache: reuse the exported graph of an identical model and input shapes from the export cache
+            (``$NORMSCOPE_CACHE_DIR/onnx`` or ``~/.cache/normscope/onnx``; see
+            :func:`normscope.export_onnx`'s ``cache_dir``); the onnxruntime check always runs.
+        thresholds: :class:`AuditThresholds`.
+        progress: ``progress(index, total, step_name, step_record_or_None)``, called before (None) and after
+            each step.
+
+    Raises:
+        TypeError: ``model`` is not a module, or the inputs are of the wrong type.
+        ValueError: the model has no normalization layer, an unknown step, or the model does not run on the
+            inputs.
+    """
+    from normscope.discovery import find_norm_layers
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
+    _split_inputs(example_inputs)  # type check
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"Expected steps from {STEPS}, but got {unknown}")
+    if dtype is not None:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Expected dtype to be float32, bfloat16 or float16, but got {dtype}")
+        model.to(dtype)
+        example_inputs = _cast_inputs(example_inputs, dtype)
+    layers = find_norm_layers(model)
+    if not layers:
+        raise ValueError(f"Expected a model with at least one normalization layer, but {type(model).__name__} has "
+                         "none (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm or a Hugging Face RMSNorm-style "
+                         "module)")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, example_inputs)
+    except Exception as e:  # noqa: BLE001
+        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"Expected the model to run on the example inputs, but it raised {type(e).__name__}"
+                         + (f": {line}" if line else "")) from e
+    finally:
+        for m, training in modes:
+            m.training = training
+
+    thresholds = thresholds or AuditThresholds()
+    t_start = time.perf_counter()
+    audit = _Audit(model, example_inputs, thresholds, progress)
+    for layer in layers:
+        audit.layers[layer.name] = {"name": layer.name, "kind": layer.kind, "eps": layer.eps}
+    plan: List[Tuple[str, Callable[[], Optional[str]]]] = []
+    for step in STEPS:
+        if step not in steps:
+            continue
+        if step == "monitor":
+            plan.append((step, lambda: audit.monitor(baseline)))
+        elif step == "export":
+            plan.append((step, lambda: audit.export(opset, export_cache)))
+        else:
+            plan.append((step, getattr(audit, step)))
+    for i, (step, fn) in enumerate(plan):
+        audit.run_step(i + 1, len(plan), step, fn)
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pdtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    severity_rank = {"error": 0, "warning": 1, "info": 2}
+    order = {name: i for i, name in enumerate(audit.layers)}
+    findings = sorted(audit.findings, key=lambda f: (severity_rank.get(f["severity"], 3),
+                                                     order.get(f["layer"], len(order)), f["kind"]))
+    counts = collections.Counter(f["severity"] for f in findings)
+    layer_list = [audit.layers[n] for n in audit.layers]
+    for entry in layer_list:
+        for key in ("placement", "dtype", "compute_dtype", "fold_reason", "stats", "in_hist", "gamma", "quant",
+                    "time_ms"):
+            entry.setdefault(key, None)
+        entry.setdefault("foldable", False)
+        entry.setdefault("consumers", [])
+        entry.setdefault("producers", [])
+        entry.setdefault("risks", [])
+        entry.setdefault("gamma_outliers", [])
+        entry.setdefault("calls", 0)
+    r = audit.result
+    quant_layers = [e for e in layer_list if e.get("quant") and e["quant"].get("worst_sqnr_db") is not None]
+    worst = min(quant_layers, key=lambda e: e["quant"]["worst_sqnr_db"]) if quant_layers else None
+    dyn = (r.get("quant") or {}).get("dynamic_int8") or {}
+    stats = [e["stats"] for e in layer_list if e.get("stats")]
+    summary = {
+        "layers": len(layer_list),
+        "kinds": dict(collections.Counter(e["kind"] for e in layer_list)),
+        "placements": dict(collections.Counter(e["placement"] for e in layer_list if e.get("placement"))),
+        "foldable": sum(1 for e in layer_list if e.get("foldable")),
+        "findings": {s: counts.get(s, 0) for s in ("error", "warning", "info")},
+        "nonfinite": sum(int(s.get(k) or 0) for s in stats for k in ("nan_in", "inf_in", "nan_out", "inf_out"))
+        if stats else None,
+        "eps_rows": sum(int(s.get("eps_rows") or 0) for s in stats) if stats else None,
+        "worst_sqnr_db": worst["quant"]["worst_sqnr_db"] if worst else None,
+        "worst_sqnr_layer": worst["name"] if worst else None,
+        "int8_sqnr_db": dyn.get("sqnr_db"),
+        "int8_cosine": dyn.get("cosine_mean"),
+        "export_max_abs_diff": (r.get("export") or {}).get("max_abs_diff"),
+        "norm_time_share": (r.get("profile") or {}).get("share"),
+    }
+    import normscope
+
+    exit_code = 1 if counts.get("error") else 0
+    return {
+        "normscope_version": normscope.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - t_start, 3),
+        "exit_code": exit_code,
+        "model": {"name": name or type(model).__name__, "source": source or "", "class": type(model).__name__,
+                  "parameters": params, "trainable_parameters": trainable,
+                  "dtype": None if pdtype is None else str(pdtype).replace("torch.", ""), "device": str(device),
+                  "inputs": inputs_description or _describe_inputs(example_inputs), "config": _small_config(model)},
+        "environment": _environment(device),
+        "thresholds": thresholds.to_dict(),
+        "summary": summary,
+        "layers": layer_list,
+        "hist_edges": r.get("hist_edges"),
+        "findings": findings,
+        "analysis": r.get("analysis"),
+        "monitor": r.get("monitor"),
+        "export": r.get("export"),
+        "quant": r.get("quant"),
+        "profile": r.get("profile"),
+        "snapshot": r.get("snapshot"),
+        "steps": audit.steps,
+    }
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The longest common dotted prefix (ending in ".") of several layer names; "" for fewer than two."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    common = []
+    for group in zip(*parts):
+        if len(set(group)) != 1:
+            break
+        common.append(group[0])
+    if len(common) >= min(len(p) for p in parts):  # a name would become empty
+        common = common[:-1]
+    return ".".join(common) + "." if common else ""
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def summary_text(result: Dict[str, Any], *, width: int = 120, max_findings: int = 20) -> str:
+    """The concise terminal summary of an audit result: headline, one table of layers, the findings."""
+    m, s = result["model"], result.get("summary") or {}
+    lines = [f"normscope audit: {m['name']}  ({m['class']}, {m['parameters']:,} parameters, {m.get('dtype')}, "
+             f"{m.get('device')})"]
+    if m.get("inputs"):
+        lines.append(f"inputs: {m['inputs']}")
+    kinds = ", ".join(f"{n} {k}" for k, n in (s.get("kinds") or {}).items())
+    places = ", ".join(f"{n} {p}" for p, n in (s.get("placements") or {}).items())
+    lines.append(f"norm layers: {s.get('layers', 0)} ({kinds}); placement: {places or 'n/a'}; "
+                 f"foldable: {s.get('foldable', 0)}")
+    lines.append("")
+    names = [e["name"] for e in result["layers"]]
+    prefix = _common_prefix(names)
+    if prefix:
+        lines.append(f"layer names below omit the common prefix {prefix!r}")
+    shown = [n[len(prefix):] for n in names]
+    kinds_set = {e.get("kind") for e in result["layers"]}
+    eps_set = {e.get("eps") for e in result["layers"]}
+    if len(kinds_set) == 1 or len(eps_set) == 1:
+        same = []
+        if len(kinds_set) == 1:
+            same.append(f"kind {next(iter(kinds_set))}")
+        if len(eps_set) == 1:
+            same.append(f"eps {_fmt(next(iter(eps_set)), 2)}")
+        lines.append("every layer: " + ", ".join(same))
+    name_w = max(12, min(44, max((len(n) for n in shown), default=12)))
+    cols = [("layer", name_w, "<")]
+    if len(kinds_set) > 1:
+        cols.append(("kind", 10, "<"))
+    cols.append(("place", 6, "<"))
+    if len(eps_set) > 1:
+        cols.append(("eps", 7, ">"))
+    cols += [("var mean", 9, ">"), ("var p99", 9, ">"), ("eps rows", 8, ">"), ("nan/inf", 7, ">"),
+             ("grad in", 8, ">"), ("SQNR dB", 7, ">"), ("ms", 6, ">")]
+    header = " ".join(f"{c:{a}{w}}" for c, w, a in cols)
+    lines.append("")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for e, short in zip(result["layers"], shown):
+        st = e.get("stats") or {}
+        q = e.get("quant") or {}
+        nonfinite = sum(int(st.get(k) or 0) for k in ("nan_in", "inf_in", "nan_out", "inf_out")) if st else None
+        values = {"layer": _short(short, name_w), "kind": e.get("kind") or "", "place": e.get("placement") or "",
+                  "eps": _fmt(e.get("eps"), 2), "var mean": _fmt(st.get("var_mean")),
+                  "var p99": _fmt(st.get("var_p99")), "eps rows": "" if not st else str(int(st.get("eps_rows") or 0)),
+                  "nan/inf": "" if nonfinite is None else str(nonfinite), "grad in": _fmt(st.get("grad_input_norm")),
+                  "SQNR dB": _fmt(q.get("worst_sqnr_db")), "ms": _fmt(e.get("time_ms"), 2)}
+        lines.append(" ".join(f"{values[c]:{a}{w}}" for c, w, a in cols))
+    lines.append("")
+    f_counts = s.get("findings") or {}
+    lines.append(f"findings: {f_counts.get('error', 0)} error, {f_counts.get('warning', 0)} warning, "
+                 f"{f_counts.get('info', 0)} info")
+    for f in result.get("findings", [])[:max_findings]:
+        where = f" [{f['layer']}]" if f.get("layer") and f["layer"] not in f["message"] else ""
+        lines.append(f"  {f['severity'].upper():<7} {f['kind']}{where}: {f['message']}")
+    if len(result.get("findings", [])) > max_findings:
+        lines.append(f"  ... and {len(result['findings']) - max_findings} more (see the report)")
+    lines.append("")
+    heads = []
+    if s.get("worst_sqnr_db") is not None:
+        heads.append(f"worst gamma/beta rounding SQNR {_fmt(s['worst_sqnr_db'])} dB ({s.get('worst_sqnr_layer')})")
+    if s.get("int8_cosine") is not None:
+        heads.append(f"dynamic int8: SQNR {_fmt(s.get('int8_sqnr_db'))} dB, cosine {_fmt(s['int8_cosine'], 5)}")
+    ex = result.get("export")
+    if ex:
+        heads.append(f"ONNX opset {ex.get('opset')}: " + ("failed" if ex.get("error") else
+                     f"{'ok' if ex.get('ok') else 'NOT OK'}, max abs diff {_fmt(ex.get('max_abs_diff'))}"))
+    pr = result.get("profile")
+    if pr and pr.get("share") is not None:
+        heads.append(f"norm time {100 * pr['share']:.1f}% of the forward ({_fmt(pr['norm_ms'])} of "
+                     f"{_fmt(pr['forward_ms'])} ms)")
+    for h in heads:
+        lines.append(h)
+    failed = [st for st in result.get("steps", []) if st["status"] != "ok"]
+    for st in failed:
+        lines.append(f"step {st['name']} {st['status']}: {st['message']}")
+    return "\n".join(line[:width] if len(line) > width and not line.startswith("  ") else line
+                     for line in lines) + "\n"
+
