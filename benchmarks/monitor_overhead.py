@@ -12,9 +12,12 @@ has ``2 * layers + 1 = 9`` LayerNorms and one step takes about 80 ms on one thre
 Variants, each on its own copy of the same model (same seed, same batches):
 
 * ``none`` -- no monitor: the baseline.
-* ``normscope`` -- ``normscope.Monitor(model)`` at its defaults (``every=1``, ``row_fraction=1.0``,
-  ``flush_every=100``, ``grads=True``, no sinks), ``step()`` after each optimizer step.
-* ``normscope_every10`` -- the same with ``every=10`` (one step in ten sampled).
+* ``normscope`` -- ``normscope.Monitor(model)`` at its defaults (``every=10``: one step in ten
+  sampled, ``row_fraction=1.0``, ``flush_every=100``, ``grads=True``, ``cpu_kernel=True``, no sinks),
+  ``step()`` after each optimizer step.
+* ``normscope_every1`` -- the same with ``every=1``: every step measured (the cost of one sampled step).
+* ``normscope_every1_torch`` -- ``every=1, cpu_kernel=False``: the pure-torch statistics path (the
+  one CUDA tensors take) on every step, for comparison with the fused CPU kernel.
 * ``naive`` -- the obvious hand-written hook monitor: on every step and every norm layer, a forward
   hook computes mean, variance, min, max, NaN and Inf counts of the input and the output, and the
   mean / min / max of the per-row variance, each with its own ``.item()``; a full backward hook reads
@@ -31,11 +34,20 @@ runs ``--steps`` consecutive steps, in an order rotated each round, so that back
 variants alike. Each step (forward, backward, ``opt.step()``, ``zero_grad``, the monitor's ``step()``)
 is timed with ``time.perf_counter``; Python's GC is off while timing. ``ms/step`` is the median over
 rounds of the round's mean step time: ``--steps`` and ``--warmup`` are multiples of 10, so every round
-of ``normscope_every10`` holds the same number of sampled steps. normscope's flush (every 100 steps)
+of ``normscope`` (``every=10``) holds the same number of sampled steps. normscope's flush (every 100 steps)
 falls in some rounds only and is therefore left out of the median; the ``mean`` column (all timed steps)
 includes it. ``spread`` is half the inter-quartile range of the round means, in % of the median: the
-noise level of the run. Overhead = ``ms/step / none's ms/step - 1``. The ratio of overheads is the
-naive monitor's overhead over normscope's (default settings).
+noise level of the run. The same figures are also taken in thread CPU time (``time.thread_time``,
+``CPU ms/step``): with one torch thread all the step's work runs on the timing thread, and CPU time
+does not count the time other processes hold the core, so on a shared machine it is the steadier
+measure (it still sees their effect on caches). Overhead = ``ms/step / none's ms/step - 1``. The ratio
+of overheads is the naive monitor's overhead over normscope's (default settings).
+
+``--shared-model``: all variants train one model (and optimizer); in each round a variant attaches a
+fresh monitor, runs its steps (the monitor's steps 0 .. steps-1) and closes it untimed. Separate model
+copies differ by a few % in step time on a shared VM (memory placement; an A/B of two unmonitored
+copies shows it), which hides overheads of 1-3%; one shared model does not, at the price of leaving
+out normscope's periodic flush (it happens in ``close()``, untimed).
 
 Threads: ``--threads 1`` by default. With torch's default (one thread per core) on a shared small VM, any
 other process on a core stalls the OpenMP barriers of every op and step times jump 5-20x at random;
@@ -65,7 +77,7 @@ except ImportError:  # running from a checkout without an install
 
 from normscope.bench import configure_allocator, machine_info
 
-VARIANTS = ("none", "normscope", "normscope_every10", "naive", "wandb_like")
+VARIANTS = ("none", "normscope", "normscope_every1", "normscope_every1_torch", "naive", "wandb_like")
 VOCAB = 256
 
 
@@ -210,25 +222,38 @@ class WandbLikeWatch:
 
 
 class Runner:
-    def __init__(self, variant: str, args, batches):
-        torch.manual_seed(args.seed)
-        self.model = TinyLM(args.d_model, args.layers)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+    def __init__(self, variant: str, args, batches, shared: Optional["Runner"] = None):
+        if shared is None:
+            torch.manual_seed(args.seed)
+            self.model = TinyLM(args.d_model, args.layers)
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        else:  # --shared-model: one model and optimizer for all variants, monitors attached per round
+            self.model, self.opt = shared.model, shared.opt
+        self.variant = variant
+        self.per_round = shared is not None or args.shared_model
         self.batches = batches
         self.i = 0
         self.times: List[float] = []
         self.round_means: List[float] = []
+        self.cpu_round_means: List[float] = []
         self.monitor = None
-        if variant == "normscope":
-            self.monitor = normscope.Monitor(self.model)
-        elif variant == "normscope_every10":
-            self.monitor = normscope.Monitor(self.model, every=10)
-        elif variant == "naive":
-            self.monitor = NaiveMonitor(self.model)
-        elif variant == "wandb_like":
-            self.monitor = WandbLikeWatch(self.model)
-        elif variant != "none":
+        if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}")
+        if not self.per_round:
+            self.attach()
+
+    def attach(self) -> None:
+        v = self.variant
+        if v == "normscope":
+            self.monitor = normscope.Monitor(self.model)
+        elif v == "normscope_every1":
+            self.monitor = normscope.Monitor(self.model, every=1)
+        elif v == "normscope_every1_torch":
+            self.monitor = normscope.Monitor(self.model, every=1, cpu_kernel=False)
+        elif v == "naive":
+            self.monitor = NaiveMonitor(self.model)
+        elif v == "wandb_like":
+            self.monitor = WandbLikeWatch(self.model)
 
     def one_step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
@@ -242,18 +267,26 @@ class Runner:
             self.monitor.step()
 
     def run(self, steps: int, timed: bool) -> None:
+        if self.per_round:  # a fresh monitor on the shared model for these steps (its steps 0..steps-1)
+            self.attach()
         ts = []
+        c0 = time.thread_time()
         for _ in range(steps):
             t0 = time.perf_counter()
             self.one_step()
             ts.append(time.perf_counter() - t0)
+        cpu = time.thread_time() - c0
         if timed:
             self.times.extend(ts)
             self.round_means.append(sum(ts) / len(ts))
+            self.cpu_round_means.append(cpu / len(ts))
+        if self.per_round:  # closing (its flush included) is not timed
+            self.close()
 
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
+            self.monitor = None
 
 
 def _quartiles(xs: List[float]):
@@ -267,7 +300,9 @@ def measure(args, progress: Callable[[str], None] = lambda s: None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randint(0, VOCAB, (args.batch, args.seq), generator=g),
                 torch.randint(0, VOCAB, (args.batch, args.seq), generator=g)) for _ in range(4)]
-    runners = {v: Runner(v, args, batches) for v in args.variants}
+    runners: Dict[str, Runner] = {}
+    for v in args.variants:
+        runners[v] = Runner(v, args, batches, next(iter(runners.values())) if args.shared_model and runners else None)
     n_norms = len(norm_modules(runners[args.variants[0]].model))
     n_params = sum(p.numel() for p in runners[args.variants[0]].model.parameters())
     for v, r in runners.items():
@@ -289,22 +324,30 @@ def measure(args, progress: Callable[[str], None] = lambda s: None) -> dict:
     for v, r in runners.items():
         med = statistics.median(r.round_means)
         q1, q3 = _quartiles(r.round_means)
+        cmed = statistics.median(r.cpu_round_means)
+        c1, c3 = _quartiles(r.cpu_round_means)
         rows[v] = {"variant": v, "ms": 1e3 * med, "mean_ms": 1e3 * sum(r.times) / len(r.times),
                    "step_median_ms": 1e3 * statistics.median(r.times),
-                   "spread_pct": 100.0 * (q3 - q1) / 2 / med, "round_ms": [1e3 * t for t in r.round_means]}
+                   "spread_pct": 100.0 * (q3 - q1) / 2 / med, "round_ms": [1e3 * t for t in r.round_means],
+                   "cpu_ms": 1e3 * cmed, "cpu_spread_pct": 100.0 * (c3 - c1) / 2 / cmed,
+                   "cpu_round_ms": [1e3 * t for t in r.cpu_round_means]}
         r.close()
     base = rows.get("none")
     for row in rows.values():
         row["overhead_pct"] = 100.0 * (row["ms"] / base["ms"] - 1) if base else None
         row["overhead_mean_pct"] = 100.0 * (row["mean_ms"] / base["mean_ms"] - 1) if base else None
-    ratio = None
+        row["cpu_overhead_pct"] = 100.0 * (row["cpu_ms"] / base["cpu_ms"] - 1) if base else None
+    ratio = cpu_ratio = None
     if base and "naive" in rows and "normscope" in rows:
         ns, nv = rows["normscope"]["overhead_pct"], rows["naive"]["overhead_pct"]
         ratio = nv / ns if ns > 0 else float("inf")
+        ns, nv = rows["normscope"]["cpu_overhead_pct"], rows["naive"]["cpu_overhead_pct"]
+        cpu_ratio = nv / ns if ns > 0 else float("inf")
     return {"config": {k: getattr(args, k) for k in ("d_model", "layers", "batch", "seq", "steps", "rounds",
-                                                     "warmup", "seed")} | {"variants": list(args.variants)},
+                                                     "warmup", "seed", "shared_model")}
+            | {"variants": list(args.variants)},
             "norm_layers": n_norms, "parameters": n_params, "rows": list(rows.values()),
-            "overhead_ratio_naive_over_normscope": ratio}
+            "overhead_ratio_naive_over_normscope": ratio, "cpu_overhead_ratio_naive_over_normscope": cpu_ratio}
 
 
 def markdown(result: dict, machine: str, command: str) -> str:
@@ -317,20 +360,28 @@ def markdown(result: dict, machine: str, command: str) -> str:
         f"Workload: TransformerEncoder pre-LN, d_model {cfg['d_model']}, {cfg['layers']} layers, "
         f"batch {cfg['batch']} x seq {cfg['seq']}, AdamW; {result['norm_layers']} LayerNorms, "
         f"{result['parameters'] / 1e6:.2f} M parameters. {cfg['rounds']} rounds x {cfg['steps']} steps per "
-        f"variant after {cfg['warmup']} warm-up steps.",
+        f"variant after {cfg['warmup']} warm-up steps"
+        + ("; one shared model, each variant's monitor attached for its steps of a round (flushes not timed)."
+           if cfg.get("shared_model") else "; one model copy per variant."),
         "",
-        "| variant | ms/step | overhead vs none | spread | mean ms/step (incl. flushes) | overhead (mean) |",
-        "|:--|--:|--:|--:|--:|--:|",
+        "| variant | ms/step | overhead vs none | spread | mean ms/step (incl. flushes) | overhead (mean) "
+        "| CPU ms/step | overhead (CPU) | spread (CPU) |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in result["rows"]:
-        oh = "—" if r["variant"] == "none" else f"{r['overhead_pct']:+.1f}%"
-        ohm = "—" if r["variant"] == "none" else f"{r['overhead_mean_pct']:+.1f}%"
+        none = r["variant"] == "none"
+        oh = "—" if none else f"{r['overhead_pct']:+.1f}%"
+        ohm = "—" if none else f"{r['overhead_mean_pct']:+.1f}%"
+        ohc = "—" if none else f"{r['cpu_overhead_pct']:+.1f}%"
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {oh} | ±{r['spread_pct']:.1f}% | {r['mean_ms']:.2f} | "
-                     f"{ohm} |")
-    ratio = result["overhead_ratio_naive_over_normscope"]
-    if ratio is not None:
-        txt = "∞ (normscope's overhead is not above zero in this run)" if ratio == float("inf") else f"{ratio:.1f}x"
-        lines += ["", f"Ratio of overheads, naive / normscope (default settings): {txt}"]
+                     f"{ohm} | {r['cpu_ms']:.2f} | {ohc} | ±{r['cpu_spread_pct']:.1f}% |")
+    for key, what in (("overhead_ratio_naive_over_normscope", "wall clock"),
+                      ("cpu_overhead_ratio_naive_over_normscope", "thread CPU time")):
+        ratio = result.get(key)
+        if ratio is not None:
+            txt = ("∞ (normscope's overhead is not above zero in this run)" if ratio == float("inf")
+                   else f"{ratio:.1f}x")
+            lines += ["", f"Ratio of overheads, naive / normscope (default settings, {what}): {txt}"]
     return "\n".join(lines) + "\n"
 
 
@@ -354,6 +405,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--allocator", default="warm", choices=("warm", "default"),
                    help="CPU allocator conditions, as in normscope.bench (default: warm)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-model", action="store_true",
+                   help="train one model for all variants, attaching each variant's monitor for its steps of each "
+                        "round (and closing it, untimed, after them): removes the differences between separate "
+                        "model copies (memory placement: a few %% on a shared VM), but leaves out normscope's "
+                        "periodic flush")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the markdown report")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

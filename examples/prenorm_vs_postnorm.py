@@ -43,7 +43,7 @@ def profile(layers: int, norm_first: bool, seed: int, batches: int):
     blocks = model[1].layers
     g = torch.Generator().manual_seed(1000 + seed)
     ff = [[] for _ in range(layers)]
-    with normscope.Monitor(model, flush_every=None) as mon:
+    with normscope.Monitor(model, every=1, flush_every=None) as mon:
         for _ in range(batches):
             x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
             y = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)

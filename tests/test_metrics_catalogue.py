@@ -45,7 +45,7 @@ def test_monitor_entries_equal_what_the_sink_registers_after_a_flush():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.RMSNorm(16))
     sink = PrometheusSink()
-    mon = Monitor(model, sinks=[sink], flush_every=2)
+    mon = Monitor(model, every=1, sinks=[sink], flush_every=2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     for _ in range(2):
         x = torch.randn(8, 16)

@@ -138,7 +138,7 @@ def test_first_nonfinite_names_the_layer_and_step_where_it_appeared(arch):
             return (x,) + args[1:]
 
     blocks[2].register_forward_pre_hook(inject)
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(6):
         out = model(torch.randn(3, 4, 16))
@@ -166,7 +166,7 @@ def test_nonfinite_output_of_a_layer_with_finite_input():
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
     with torch.no_grad():
         model[2].weight[3] = float("inf")
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None)
     model(torch.randn(5, 8))
     (f,) = [f for f in mon.findings() if f.kind.startswith("nonfinite")]
     assert (f.kind, f.layer, f.step, f.value) == ("nonfinite_output", "2", 0, 5.0)
@@ -180,7 +180,7 @@ def test_nonfinite_output_of_a_layer_with_finite_input():
 def test_eps_dominated_rows_are_counted_exactly():
     torch.manual_seed(0)
     ln = torch.nn.LayerNorm(16, eps=1e-5)
-    mon = Monitor(torch.nn.Sequential(ln), flush_every=None)
+    mon = Monitor(torch.nn.Sequential(ln), every=1, flush_every=None)
     for step in range(3):
         x = torch.randn(32, 16) * 3
         if step >= 1:
@@ -196,7 +196,7 @@ def test_eps_dominated_rows_are_counted_exactly():
     assert (f.kind, f.layer, f.step, f.value, f.severity) == ("eps_dominated", "0", 1, 14.0, "warning")
     assert "14 of 96 sampled rows" in f.message and "masked_layer_norm" in f.message
     # Per window: exactly 7 of 32 after a flush every step.
-    mon2 = Monitor(torch.nn.Sequential(ln), flush_every=1)
+    mon2 = Monitor(torch.nn.Sequential(ln), every=1, flush_every=1)
     x[0] = x[0] * 1e6  # finite, large: not eps-dominated
     ln(x)
     mon2.step()
@@ -205,7 +205,7 @@ def test_eps_dominated_rows_are_counted_exactly():
 
 def test_rms_norm_eps_criterion_uses_the_mean_square():
     rms = torch.nn.RMSNorm(8, eps=1e-6)
-    mon = Monitor(torch.nn.Sequential(rms), flush_every=None)
+    mon = Monitor(torch.nn.Sequential(rms), every=1, flush_every=None)
     x = torch.full((4, 8), 2.0)  # zero variance, but mean square 4: not eps-dominated for an RMSNorm
     x[1] = 1e-5  # mean square 1e-10 < 10 * eps
     rms(x)
@@ -233,7 +233,7 @@ def test_statistics_equal_direct_computation(kind):
         "batch_norm": (torch.nn.BatchNorm1d(6), (4, 6, 10)),
         "instance_norm": (torch.nn.InstanceNorm1d(6), (4, 6, 10)),
     }[kind]
-    mon = Monitor(torch.nn.Sequential(module), flush_every=None, hist_bins=16, hist_range=(-4.0, 4.0))
+    mon = Monitor(torch.nn.Sequential(module), every=1, flush_every=None, hist_bins=16, hist_range=(-4.0, 4.0))
     xs, ys = [], []
     for step in range(3):
         x = torch.randn(shape) * torch.rand(shape[:2] + (1,)) * 3 + 0.5
@@ -284,7 +284,7 @@ def test_gradient_norms_equal_autograd():
     torch.manual_seed(0)
     lin, ln, head = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)
     model = torch.nn.Sequential(lin, ln, head)
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None)
     expected_in, expected_p = [], []
     for step in range(3):
         x = torch.randn(5, 8)
@@ -317,7 +317,7 @@ class Residual(torch.nn.Module):
 def test_input_gradient_is_the_one_through_the_layer_and_accumulation_is_handled():
     torch.manual_seed(0)
     model = Residual()
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None)
     c = torch.randn(4, 8)
     x1, x2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     (model(x1) * c).sum().backward()  # two micro-batches accumulated into one step
@@ -337,7 +337,7 @@ def test_input_gradient_is_the_one_through_the_layer_and_accumulation_is_handled
 
 def test_gamma_and_beta_drift_from_the_reference():
     ln = torch.nn.LayerNorm(16)
-    mon = Monitor(torch.nn.Sequential(ln), flush_every=None)
+    mon = Monitor(torch.nn.Sequential(ln), every=1, flush_every=None)
     with torch.no_grad():
         ln.weight[3] += 4.0
         ln.weight[5] -= 1.0
@@ -384,7 +384,7 @@ class Parallel(torch.nn.Module):
 def test_gradient_findings_against_history_and_other_layers():
     torch.manual_seed(0)
     model = Parallel()
-    mon = Monitor(model, flush_every=1)  # one window per step
+    mon = Monitor(model, every=1, flush_every=1)  # one window per step
     xs = [torch.randn(4, 8, requires_grad=True) for _ in range(4)]
     cs = [torch.randn(4, 8) for _ in range(4)]
 
@@ -454,7 +454,7 @@ def test_every_n_samples_steps_and_unsampled_steps_do_no_tensor_work():
 
 def test_row_fraction_samples_every_kth_row_with_a_rotating_offset():
     ln = torch.nn.LayerNorm(4)
-    mon = Monitor(torch.nn.Sequential(ln), row_fraction=0.25, flush_every=1)
+    mon = Monitor(torch.nn.Sequential(ln), every=1, row_fraction=0.25, flush_every=1)
     x = torch.arange(10.0)[:, None] * torch.tensor([-1.0, 1.0, -1.0, 1.0])  # row r has variance r**2
     for step in range(4):
         ln(x)
@@ -467,7 +467,7 @@ def test_row_fraction_samples_every_kth_row_with_a_rotating_offset():
 
 def test_input_histogram_is_capped_at_hist_max_elements():
     ln = torch.nn.LayerNorm(16)
-    mon = Monitor(torch.nn.Sequential(ln), hist_max_elements=40, hist_bins=4, hist_range=(-100.0, 100.0),
+    mon = Monitor(torch.nn.Sequential(ln), every=1, hist_max_elements=40, hist_bins=4, hist_range=(-100.0, 100.0),
                   flush_every=None)
     x = torch.arange(10.0)[:, None] + torch.linspace(0, 1, 16)  # row r holds values in [r, r + 1]
     ln(x)
@@ -480,7 +480,7 @@ def test_input_histogram_is_capped_at_hist_max_elements():
 def test_inference_mode_and_no_grad(mode):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
     ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
-    with Monitor(model, flush_every=2) as mon:
+    with Monitor(model, every=1, flush_every=2) as mon:
         for _ in range(3):
             with ctx():  # the accumulators are created inside the mode on the first call
                 model(torch.randn(4, 8))
@@ -501,7 +501,7 @@ def test_transformers_llama_duck_typed_rmsnorm():
     model = transformers.LlamaModel(cfg)
     seen = {}
     model.norm.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach()))
-    with Monitor(model, flush_every=None) as mon:
+    with Monitor(model, every=1, flush_every=None) as mon:
         model(torch.randint(0, 50, (2, 6))).last_hidden_state.sum().backward()
     stats = _stats(mon.records)
     assert len(stats) == 5 and all(s["kind"] == "rms_norm" and s["grad_input_steps"] == 1 for s in stats.values())
@@ -560,7 +560,7 @@ def test_validation_and_lifecycle():
         Thresholds(drift=-1.0)
     with pytest.raises(ValueError, match="Expected kind to be one of"):
         Finding("a", 0, "bogus", "info", 0.0, "")
-    with Monitor(model) as mon:
+    with Monitor(model, every=1) as mon:
         assert len(model[0]._forward_hooks) == 1 and len(model[0]._forward_pre_hooks) == 1
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
     assert not model[0].weight._post_accumulate_grad_hooks

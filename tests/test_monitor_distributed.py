@@ -60,7 +60,7 @@ def _train(rank, world, sinks=None, ddp=False):
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
-    mon = Monitor(net, sinks=sinks, flush_every=None, hist_range=(-6.0, 6.0), hist_bins=24)
+    mon = Monitor(net, every=1, sinks=sinks, flush_every=None, hist_range=(-6.0, 6.0), hist_bins=24)
     windows = []
     for step in range(STEPS + 1):
         if step == NAN_STEP and lo <= NAN_SAMPLE < hi:

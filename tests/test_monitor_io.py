@@ -67,7 +67,7 @@ def test_jsonl_round_trip_through_load(tmp_path):
     model = _mlp()
     with torch.no_grad():
         model[1].weight.mul_(3.0)  # gamma drift: a finding in the file too
-    mon = Monitor(model, sinks=JSONLSink(path), flush_every=3)
+    mon = Monitor(model, every=1, sinks=JSONLSink(path), flush_every=3)
     with torch.no_grad():
         model[1].weight.div_(3.0)
     _train(model, mon, 7)
@@ -95,7 +95,7 @@ def test_jsonl_round_trip_through_load(tmp_path):
 def test_a_failing_sink_warns_once_and_nothing_else_is_lost(tmp_path):
     good, broken = ListSink(), BrokenSink()
     model = _mlp()
-    mon = Monitor(model, sinks=[broken, good], flush_every=2)
+    mon = Monitor(model, every=1, sinks=[broken, good], flush_every=2)
     with pytest.warns(RuntimeWarning, match=r"sink BrokenSink\(\) raised OSError: disk full") as caught:
         _train(model, mon, 6)  # three flushes
         mon.close()
@@ -112,7 +112,7 @@ def test_a_sink_failing_on_close_warns_and_close_completes():
             raise ValueError("boom")
 
     model = _mlp()
-    mon = Monitor(model, sinks=CloseFails(), flush_every=None)
+    mon = Monitor(model, every=1, sinks=CloseFails(), flush_every=None)
     _train(model, mon, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -123,7 +123,7 @@ def test_a_sink_failing_on_close_warns_and_close_completes():
 
 def test_memory_only_monitor_keeps_records_and_bounds_them():
     model = _mlp()
-    mon = Monitor(model, flush_every=1, keep_records=10)
+    mon = Monitor(model, every=1, flush_every=1, keep_records=10)
     _train(model, mon, 6)
     assert len(mon.records) == 10 and mon.records[-1]["type"] == "layer_stats"
     assert mon.records[-1]["window_end"] == 5
@@ -131,7 +131,7 @@ def test_memory_only_monitor_keeps_records_and_bounds_them():
 
 def test_compare_flags_the_layer_whose_input_variance_shifted(tmp_path):
     model = _mlp()
-    with Monitor(model, flush_every=None) as base_mon:
+    with Monitor(model, every=1, flush_every=None) as base_mon:
         _train(model, base_mon, 3, seed=1)
         baseline = base_mon.snapshot()
     path = tmp_path / "baseline.json"
@@ -143,7 +143,7 @@ def test_compare_flags_the_layer_whose_input_variance_shifted(tmp_path):
     with torch.no_grad():
         model[0].weight.mul_(3.0)
         model[0].bias.mul_(3.0)
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None)
     _train(model, mon, 3, seed=1)
     found = mon.compare(path)
     assert [(f.layer, f.kind, f.severity) for f in found] == [("1", "variance_shift", "warning")]

@@ -46,7 +46,7 @@ def _monitored_run(sinks, steps=6, flush_every=2):
     model = _mlp()
     with torch.no_grad():
         model[2].weight.mul_(3.0)  # gamma drift from the reference: a weight_drift finding
-    mon = Monitor(model, sinks=sinks, flush_every=flush_every)
+    mon = Monitor(model, every=1, sinks=sinks, flush_every=flush_every)
     with torch.no_grad():
         model[2].weight.div_(3.0)
     _train(model, mon, steps)
@@ -151,7 +151,7 @@ def test_prometheus_http_endpoint_serves_metrics():
     sink = PrometheusSink(port=0)
     assert sink.port and sink.port > 0
     model = _mlp()
-    mon = Monitor(model, sinks=sink, flush_every=2)
+    mon = Monitor(model, every=1, sinks=sink, flush_every=2)
     try:
         _train(model, mon, 2)  # one flush
         r = [r for r in mon.records if r["type"] == "layer_stats"][-1]

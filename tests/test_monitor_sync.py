@@ -201,13 +201,15 @@ class Net(torch.nn.Module):
         return self.head(self.hf(self.rms(self.ln(self.fc(h)))))
 
 
-def test_no_host_reads_between_flushes():
+@pytest.mark.parametrize("cpu_kernel", [False, True])
+def test_no_host_reads_between_flushes(cpu_kernel):
+    # cpu_kernel=False: the pure-torch path, the one CUDA tensors take; True: the fused CPU kernel.
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     xs = [torch.randn(6, 4, 10) for _ in range(7)]
     xs[4][2, 1, 3] = float("nan")  # the non-finite path, too, must stay on the device
-    mon = Monitor(model, every=2, row_fraction=0.5, flush_every=None)
+    mon = Monitor(model, every=2, row_fraction=0.5, flush_every=None, cpu_kernel=cpu_kernel)
     with HostReads() as reads:
         for step, x in enumerate(xs):
             if step == 5:
@@ -230,7 +232,7 @@ def test_no_host_reads_between_flushes():
 def test_a_flush_reads_one_packed_buffer_per_device():
     torch.manual_seed(0)
     model = Net()
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None)
     for _ in range(2):
         model(torch.randn(6, 4, 10)).sum().backward()
         mon.step()
@@ -255,7 +257,7 @@ def test_the_detector_sees_a_host_read_planted_in_any_monitor_code_path(entry, m
 
     monkeypatch.setattr(Monitor, entry, planted)
     model = Net()
-    mon = Monitor(model, flush_every=None)
+    mon = Monitor(model, every=1, flush_every=None, cpu_kernel=False)
     with HostReads() as reads:
         model(torch.randn(6, 4, 10)).sum().backward()
         mon.step()

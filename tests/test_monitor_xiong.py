@@ -51,7 +51,7 @@ def measure(layers: int, norm_first: bool, seed: int) -> dict:
     last = model[1].layers[-1]
     g = torch.Generator().manual_seed(1000 + seed)
     ff, direct_param = [], []
-    with normscope.Monitor(model, flush_every=None) as mon:
+    with normscope.Monitor(model, every=1, flush_every=None) as mon:
         for _ in range(BATCHES):
             x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
             y = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)

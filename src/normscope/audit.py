@@ -300,7 +300,7 @@ class _Audit:
         modes = [(m, m.training) for m in model.modules()]
         model.eval()  # dropout off: statistics of what the model computes at inference
         try:
-            with Monitor(model, flush_every=None, grads=backward) as mon:
+            with Monitor(model, every=1, flush_every=None, grads=backward) as mon:
                 if backward:
                     out = _call(model, self.inputs)
                     outs = _float_outputs(out)

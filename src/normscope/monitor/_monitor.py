@@ -59,6 +59,15 @@ class _DeviceState:
                                for i in range(n_layers)]
         self._layout = layout
         self._edges: Dict[torch.dtype, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # For the fused CPU kernel: addresses of each layer's row, gradient slots and flags (float64).
+        self.kernel_var_edges: Optional[torch.Tensor] = None
+        if self.device.type == "cpu":
+            self.kernel_var_edges = self.edges(_F64)[0]
+            w, e = layout.width, 8
+            b0, s0, f0 = self.buf.data_ptr(), self.slots.data_ptr(), self.fired.data_ptr()
+            self.addrs = [(b0 + i * w * e, b0 + (i * w + L.M_ROW_MEAN_MAX) * e, b0 + (i * w + layout.var_hist) * e,
+                           b0 + (i * w + layout.in_hist) * e, b0 + (i * w + L.M_GRAD_NONFINITE_KEY) * e,
+                           s0 + 3 * i * e, f0 + 2 * i * e) for i in range(n_layers)]
         self.dirty = False  # written since the last flush
         self.grad_touched = False  # a gradient hook wrote into slots during this step
         # Under torch.distributed: window step index -> this step's (layers, [|g_in|^2, input grad seen]),
@@ -151,7 +160,10 @@ class Monitor:
     Args:
         model: the model (a ``torch.compile``'d module is unwrapped; hooks go on the original).
         every: sample one step in ``every`` (steps 0, every, 2 * every, ...). Hooks on other steps
-            return at once. Default: 1.
+            return at once. Statistics, gradient norms and NaN/Inf checks cover sampled steps only,
+            so a non-finite value is reported at the first sampled step that sees it; ``every=1``
+            checks every step (about +15% step time on the reference CPU benchmark, 9 LayerNorms;
+            see docs/monitor.md, "Costs"). Default: 10 (about +1.5% there).
         sinks: where records go on each flush: a :class:`~normscope.monitor.Sink` or a sequence of
             them (e.g. ``JSONLSink("run.jsonl")``). Default: None (records kept in memory only).
         filter_fn: optional ``filter_fn(module, qualified_name) -> bool`` choosing the layers.
@@ -178,6 +190,11 @@ class Monitor:
         all_ranks: under ``torch.distributed``, feed the sinks on every rank; by default only rank 0
             of the group writes to its sinks (every rank gets the global records and findings).
             Default: False.
+        cpu_kernel: measure CPU tensors with normscope's fused C++ statistics kernel (one call per
+            layer call and per gradient; built with the system compiler on first use, a few
+            seconds once per machine). False, or when the kernel cannot be built: the pure-torch
+            path, which CUDA tensors always take. Both give the same statistics (see
+            docs/monitor.md). Default: True.
 
     Example::
 
@@ -196,7 +213,7 @@ class Monitor:
         self,
         model: torch.nn.Module,
         *,
-        every: int = 1,
+        every: int = 10,
         sinks: Optional[Union[Sink, Sequence[Sink]]] = None,
         filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
         row_fraction: float = 1.0,
@@ -211,6 +228,7 @@ class Monitor:
         keep_records: int = 100_000,
         process_group=None,
         all_ranks: bool = False,
+        cpu_kernel: bool = True,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
@@ -261,6 +279,7 @@ class Monitor:
         self._hist_max_elements = int(hist_max_elements)
         self._flush_every = flush_every
         self._grads = bool(grads)
+        self._cpu_kernel = bool(cpu_kernel) and _cpu_kernel_available()
         self._thresholds = thresholds
         self._sinks: List[Sink] = sinks
         self._disabled_sinks: set = set()
@@ -619,8 +638,7 @@ class Monitor:
         self._dtypes[i] = x.dtype
         n_rows = xr.shape[0]
         start = (self._step % self._stride) % n_rows
-        xs, ys = xr[start::self._stride], yr[start::self._stride]
-        n_s = xs.shape[0]
+        n_s = -(-(n_rows - start) // self._stride)
         counters.calls += 1
         counters.rows += n_rows
         counters.rows_sampled += n_s
@@ -628,6 +646,22 @@ class Monitor:
 
         st = self._state(x.device)
         st.dirty = True
+        if (self._cpu_kernel and x.device.type == "cpu" and y.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+                and y.dtype in _KERNEL_DTYPES):
+            # One fused pass (normscope.ops.cpu_backend.monitor_stats) instead of the ~45 ops below.
+            a_sums, a_max, a_vh, a_ih = st.addrs[i][:4]
+            key = self._step * L.KEY_STEP + 2 * order
+            lo, hi = self._layout.hist_range
+            bins = self._layout.hist_bins
+            edges = st.kernel_var_edges
+            _CB._monitor_call(
+                xr.contiguous(), yr.contiguous(), _KERNEL_DTYPES[x.dtype], _KERNEL_DTYPES[y.dtype], a_sums, a_max,
+                a_vh, a_ih, edges.data_ptr(), edges.numel(), start, self._stride, layer.kind == "rms_norm",
+                self._eps_factor * effective_eps(layer, x.dtype),
+                -(-n_s // max(1, self._hist_max_elements // xr.shape[1])), bins, lo, bins / (hi - lo),
+                (-float(key), -float(key + 1), -float(self._step)))
+            return
+        xs, ys = xr[start::self._stride], yr[start::self._stride]
         sums_v, max_v, var_hist_v, in_hist_v = st.views[i]
         acc = _F64 if x.dtype == _F64 else torch.float32
         xs = xs.to(acc)
@@ -679,13 +713,17 @@ class Monitor:
         st = self._state(grad.device)
         order = self._bwd_order
         self._bwd_order += 1
-        acc = _F64 if grad.dtype == _F64 else torch.float32
-        g_in, _, _, fired_in, _, key_v = st.grad_views[i]
-        gsq = torch.linalg.vector_norm(grad, dtype=acc).square()
-        g_in.add_(gsq)
-        fired_in.fill_(1.0)
         key = self._step * L.KEY_STEP + min(order, L.MAX_ORDER)
-        torch.maximum(key_v, torch.where(gsq < math.inf, st.neg_inf, st.zero).sub_(key), out=key_v)
+        if self._cpu_kernel and grad.device.type == "cpu" and grad.dtype in _KERNEL_DTYPES:
+            a = st.addrs[i]
+            _CB.monitor_grad(grad, a[5], a[6], a[4], -float(key), True)
+        else:
+            acc = _F64 if grad.dtype == _F64 else torch.float32
+            g_in, _, _, fired_in, _, key_v = st.grad_views[i]
+            gsq = torch.linalg.vector_norm(grad, dtype=acc).square()
+            g_in.add_(gsq)
+            fired_in.fill_(1.0)
+            torch.maximum(key_v, torch.where(gsq < math.inf, st.neg_inf, st.zero).sub_(key), out=key_v)
         st.grad_touched = st.dirty = True
         self._grad_layers_step.add(i)
         self._counters[i].grad_events += 1
@@ -696,10 +734,14 @@ class Monitor:
         if self._closed:
             return
         st = self._state(grad.device)
-        acc = _F64 if grad.dtype == _F64 else torch.float32
-        views = st.grad_views[i]
-        views[col].copy_(torch.linalg.vector_norm(grad, dtype=acc).square())
-        views[4].fill_(1.0)
+        if self._cpu_kernel and grad.device.type == "cpu" and grad.dtype in _KERNEL_DTYPES:
+            a = st.addrs[i]
+            _CB.monitor_grad(grad, a[5] + 8 * col, a[6] + 8, 0, 0.0, False)
+        else:
+            acc = _F64 if grad.dtype == _F64 else torch.float32
+            views = st.grad_views[i]
+            views[col].copy_(torch.linalg.vector_norm(grad, dtype=acc).square())
+            views[4].fill_(1.0)
         st.grad_touched = st.dirty = True
         self._grad_layers_step.add(i)
         self._counters[i].grad_events += 1
@@ -1040,6 +1082,29 @@ class Monitor:
         observed = {names[i] for i in stats}
         self._active = {k for k in self._active if k[0] not in observed and k[0] != ""} | current
         return found
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+_CB = None  # normscope.ops.cpu_backend, once the fused kernel is known to work
+
+
+def _cpu_kernel_available() -> bool:
+    """Whether the fused CPU statistics kernel can be used (builds the CPU kernels on first use)."""
+    global _CB
+    if _CB is not None:
+        return True
+    try:
+        from normscope.ops import cpu_backend
+
+        if not cpu_backend.available():
+            return False
+        cpu_backend._monitor_lib()
+    except Exception:  # noqa: BLE001 - no compiler, or a failed build: the torch path
+        return False
+    _CB = cpu_backend
+    return True
 
 
 def _merged(a: L.WindowRaw, b: L.WindowRaw) -> L.WindowRaw:

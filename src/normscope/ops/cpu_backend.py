@@ -510,3 +510,121 @@ def norm_bwd(
     if rc != 0:
         raise RuntimeError(f"normscope cpu norm_bwd failed (code {rc})")
     return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# Monitor statistics (used by normscope.monitor on CPU tensors)
+# --------------------------------------------------------------------------------------------
+
+_monitor_fns: Optional[Tuple[object, object]] = None
+
+
+def _monitor_lib() -> Tuple[object, object]:
+    global _monitor_fns
+    if _monitor_fns is None:
+        lib = _require()
+        stats, grad = lib.ns_monitor_stats, lib.ns_monitor_grad
+        stats.restype = ctypes.c_int
+        stats.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        grad.restype = ctypes.c_int
+        grad.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
+        _monitor_fns = (stats, grad)
+    return _monitor_fns
+
+
+def _check_f64_block(t, name: str, n: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__}")
+    if t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
+        raise ValueError(f"Expected {name} to be a contiguous float64 CPU tensor of {n} elements, but got "
+                         f"{t.dtype} on {t.device} with shape {tuple(t.shape)}")
+
+
+def monitor_stats(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sums: torch.Tensor,
+    maxima: torch.Tensor,
+    var_hist: torch.Tensor,
+    in_hist: torch.Tensor,
+    var_edges: torch.Tensor,
+    *,
+    start: int,
+    stride: int,
+    rms: bool,
+    eps_threshold: float,
+    hist_row_step: int,
+    hist_range: Tuple[float, float],
+    keys: Tuple[float, float, float],
+) -> None:
+    """Accumulate one monitored call's statistics into float64 accumulators, in place (one pass per row).
+
+    ``x`` (a norm layer's input) and ``y`` (its output) are 2-D ``(rows, cols)`` CPU tensors of the
+    same shape, of dtype float32, float64, bfloat16 or float16 (each its own). Rows
+    ``start, start + stride, ...`` are sampled. Adds into ``sums`` (11 values: valid rows, sums of
+    row means and variances, eps-dominated rows, NaN/Inf counts of x and y over every element,
+    finite output count, sum and sum of squares over the sampled rows), raises ``maxima`` (7 values:
+    max row mean, max row variance, -min row mean, -min row variance, then the three event keys
+    ``keys`` = (input non-finite, output non-finite, eps-dominated), each where its event happened),
+    and counts into ``var_hist`` (``len(var_edges) + 2``: ``bucketize(var, var_edges, right=True)``,
+    non-finite rows in the last slot) and ``in_hist`` (``hist_bins + 3``: uniform bins over
+    ``hist_range`` plus underflow, overflow and NaN) over every ``hist_row_step``-th sampled row.
+    Row statistics are two-pass in float64 (rounded to float32 for non-float64 inputs, as the torch
+    path computes them); the result is deterministic. This is the fused form of the torch
+    statistics in :mod:`normscope.monitor` (tested against them).
+    """
+    _check_2d(x, "x")
+    _check_like(y, "y", x.shape, "x")
+    tx, ty = _code(x, "x"), _code(y, "y")
+    bins = in_hist.numel() - 3
+    ne = var_edges.numel()
+    _check_f64_block(sums, "sums", 11)
+    _check_f64_block(maxima, "maxima", 7)
+    _check_f64_block(var_hist, "var_hist", ne + 2)
+    if bins < 1:
+        raise ValueError(f"Expected in_hist to have at least 4 elements, but got {in_hist.numel()}")
+    _check_f64_block(in_hist, "in_hist", bins + 3)
+    _check_f64_block(var_edges, "var_edges", ne)
+    rows, cols = x.shape
+    if rows == 0 or cols == 0:
+        return
+    if stride < 1 or not 0 <= start < rows or hist_row_step < 1:
+        raise ValueError(f"Expected stride >= 1, 0 <= start < {rows} and hist_row_step >= 1, but got "
+                         f"stride={stride}, start={start}, hist_row_step={hist_row_step}")
+    lo, hi = float(hist_range[0]), float(hist_range[1])
+    _monitor_call(x.contiguous(), y.contiguous(), tx, ty, sums.data_ptr(), maxima.data_ptr(), var_hist.data_ptr(),
+                  in_hist.data_ptr(), var_edges.data_ptr(), ne, start, stride, rms, eps_threshold, hist_row_step,
+                  bins, lo, bins / (hi - lo), keys)
+
+
+def _monitor_call(x, y, tx: int, ty: int, sums: int, maxima: int, var_hist: int, in_hist: int, edges: int, ne: int,
+                  start: int, stride: int, rms: bool, eps_threshold: float, hist_row_step: int, bins: int,
+                  lo: float, scale: float, keys) -> None:
+    """:func:`monitor_stats` without argument checks: contiguous x / y, accumulators as addresses."""
+    stats, _ = _monitor_fns if _monitor_fns is not None else _monitor_lib()
+    rows, cols = x.shape
+    ia = array("q", (tx, ty, x.data_ptr(), y.data_ptr(), rows, cols, start, stride, int(rms), hist_row_step, bins,
+                     sums, maxima, var_hist, in_hist, edges, ne, int(tx == 1)))
+    da = array("d", (eps_threshold, lo, scale, keys[0], keys[1], keys[2]))
+    rc = stats(ia.buffer_info()[0], da.buffer_info()[0])
+    if rc != 0:
+        raise RuntimeError(f"normscope cpu monitor_stats failed (code {rc})")
+
+
+def monitor_grad(grad: torch.Tensor, slot: int, fired: int, key: int, neg_key: float, accumulate: bool) -> None:
+    """Sum of squares of ``grad`` (in float64) into the float64 at address ``slot``, in place.
+
+    ``accumulate=True`` (an input gradient): adds it, and raises the float64 at ``key`` to
+    ``neg_key`` when the sum is not finite. ``accumulate=False`` (a parameter gradient): stores it.
+    Either way sets the float64 at ``fired`` to 1. Addresses are ``data_ptr()`` values of live
+    float64 CPU tensors; ``grad`` is made contiguous.
+    """
+    _, fn = _monitor_fns if _monitor_fns is not None else _monitor_lib()
+    code = _CODES.get(grad.dtype)
+    if code is None:
+        raise TypeError(f"Expected grad of dtype {_DTYPE_NAMES}, but got {grad.dtype}")
+    g = grad.contiguous()
+    rc = fn(code, g.data_ptr(), g.numel(), 0 if accumulate else 1, slot, fired, key, float(neg_key))
+    if rc != 0:
+        raise RuntimeError(f"normscope cpu monitor_grad failed (code {rc})")

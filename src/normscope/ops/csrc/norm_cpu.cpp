@@ -978,3 +978,283 @@ int ns_bwd(const int64_t* a) { return a[4] ? ns_bwd_f64(a) : bwd_entry<float>(a)
 #endif
 
 }  // extern "C"
+
+// ---- monitor statistics -----------------------------------------------------------------------
+//
+// One call of normscope.Monitor's fused per-call statistics on the CPU (the reference is the torch
+// path in normscope/monitor/_monitor.py). Inputs: x and y, row-major (rows, cols), any of the four
+// dtypes each. Everything is accumulated in double into the caller's float64 buffers, in place, in
+// a fixed order (single thread, fixed 8-lane reductions: deterministic). Per sampled row (rows
+// start, start + stride, ...): mean and variance by two passes in double (the mean square for RMS
+// norms; never E[x^2] - E[x]^2). NaN / Inf are counted over every element of x and y (a row whose
+// double sum is finite holds neither, so only rows with a non-finite sum are counted element-wise).
+//
+// ia[] = {tx, ty, x, y, rows, cols, start, stride, rms, hist_row_step, hist_bins, sums, maxima,
+//         var_hist, in_hist, var_edges, n_var_edges, hist_f64}
+// da[] = {eps_threshold, hist_lo, hist_scale, key_in, key_out, key_eps}
+// sums (11): valid rows, sum of row means, sum of row variances, eps rows, NaN in, Inf in, NaN out,
+//            Inf out, finite output elements (sampled rows), their sum, their sum of squares.
+// maxima (7): max row mean, max row var, -min row mean, -min row var, then the three event keys
+//             (input non-finite, output non-finite in sampled rows, eps-dominated row), each raised
+//             to key_* when its event happened.
+// var_hist: n_var_edges + 2 slots: bucketize(var, edges, right=True), NaN/Inf rows in the last.
+// in_hist: hist_bins + 3 slots: floor((v - lo) * scale + 1) clamped to [0, bins + 1], NaN last;
+//          over every hist_row_step-th sampled row, computed in float (double when hist_f64).
+// Returns 0, or < 0 on bad arguments.
+
+namespace {
+
+constexpr int kMonLanes = 8;
+
+static inline double lanes_total(const double* l) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// Sum of a row (8 lanes, fixed order).
+template <class T>
+static inline double row_sum(const T* p, int64_t n) {
+  double l[kMonLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + kMonLanes <= n; j += kMonLanes)
+    for (int u = 0; u < kMonLanes; ++u) l[u] += ld<double>(p, j + u);
+  for (int u = 0; j < n; ++j, ++u) l[u] += ld<double>(p, j);
+  return lanes_total(l);
+}
+
+// Sum of (x - c)^2 over a row (8 lanes); c = 0 gives the sum of squares.
+template <class T>
+static inline double row_sq(const T* p, int64_t n, double c) {
+  double l[kMonLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + kMonLanes <= n; j += kMonLanes)
+    for (int u = 0; u < kMonLanes; ++u) {
+      const double d = ld<double>(p, j + u) - c;
+      l[u] += d * d;
+    }
+  for (int u = 0; j < n; ++j, ++u) {
+    const double d = ld<double>(p, j) - c;
+    l[u] += d * d;
+  }
+  return lanes_total(l);
+}
+
+// Sum and sum of squares of the finite values of a row, with NaN / Inf counts.
+template <class T>
+static inline void row_finite(const T* p, int64_t n, double& sum, double& sq, int64_t& nan, int64_t& inf) {
+  double ls[kMonLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, lq[kMonLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t a = 0, b = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = ld<double>(p, j);
+    const bool isn = v != v;
+    const bool isi = !isn && (v - v != v - v);
+    a += isn;
+    b += isi;
+    const double v0 = (isn || isi) ? 0.0 : v;
+    ls[j % kMonLanes] += v0;
+    lq[j % kMonLanes] += v0 * v0;
+  }
+  sum = lanes_total(ls);
+  sq = lanes_total(lq);
+  nan += a;
+  inf += b;
+}
+
+template <class T>
+static inline void count_row(const T* p, int64_t n, int64_t& nan, int64_t& inf) {
+  const double s = row_sum(p, n);
+  if (s - s == 0.0) return;  // finite: no NaN / Inf in the row (double sums of 16/32-bit values do not overflow)
+  int64_t a = 0, b = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = ld<double>(p, j);
+    a += v != v;
+    b += (v == v) && (v - v != v - v);
+  }
+  nan += a;
+  inf += b;
+}
+
+// Input-histogram indices of n values into idx (float arithmetic, as the torch path for non-float64).
+template <class T>
+static inline void hist_idx_f(const T* p, int64_t n, float lo, float scale, float top, float nan_slot, int32_t* idx) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = ld<float>(p, j);
+    float q = __builtin_floorf((v - lo) * scale + 1.0f);
+    q = q < 0.0f ? 0.0f : q;
+    q = q > top ? top : q;
+    idx[j] = (int32_t)(v != v ? nan_slot : q);
+  }
+}
+template <class T>
+static inline void hist_idx_d(const T* p, int64_t n, double lo, double scale, double top, double nan_slot,
+                              int32_t* idx) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = ld<double>(p, j);
+    double q = __builtin_floor((v - lo) * scale + 1.0);
+    q = q < 0.0 ? 0.0 : q;
+    q = q > top ? top : q;
+    idx[j] = (int32_t)(v != v ? nan_slot : q);
+  }
+}
+
+template <class TX, class TY>
+static int monitor_stats_impl(const int64_t* ia, const double* da) {
+  const TX* x = (const TX*)(uintptr_t)ia[2];
+  const TY* y = (const TY*)(uintptr_t)ia[3];
+  const int64_t rows = ia[4], cols = ia[5], start = ia[6], stride = ia[7];
+  const bool rms = ia[8] != 0;
+  const int64_t hstep = ia[9], bins = ia[10];
+  double* sums = (double*)(uintptr_t)ia[11];
+  double* mx = (double*)(uintptr_t)ia[12];
+  double* vh = (double*)(uintptr_t)ia[13];
+  double* ih = (double*)(uintptr_t)ia[14];
+  const double* edges = (const double*)(uintptr_t)ia[15];
+  const int64_t ne = ia[16];
+  const bool h64 = ia[17] != 0;
+  if (!x || !y || !sums || !mx || !vh || !ih || !edges || rows < 1 || cols < 1 || stride < 1 ||
+      start < 0 || hstep < 1 || bins < 1 || bins > (1 << 30) || ne < 1)
+    return -2;
+  const double eps_thr = da[0], lo = da[1], scale = da[2];
+  const bool var64 = same_v<TX, double>;
+  const double inf_d = __builtin_inf();
+  // Scratch: 4 interleaved int64 input histograms (independent increments) and a row of indices.
+  const int64_t hw = bins + 3;
+  int64_t* hc = (int64_t*)calloc((size_t)(4 * hw), sizeof(int64_t));
+  int32_t* idx = (int32_t*)malloc((size_t)cols * sizeof(int32_t));
+  if (!hc || !idx) {
+    free(hc);
+    free(idx);
+    return -3;
+  }
+
+  int64_t nan_in = 0, inf_in = 0, nan_out = 0, inf_out = 0, bad_out_s = 0, valid = 0, n_eps = 0;
+  double s_mean = 0, s_var = 0, o_n = 0, o_sum = 0, o_sq = 0;
+  double mean_max = -inf_d, var_max = -inf_d, nmean_min = -inf_d, nvar_min = -inf_d;
+  int64_t k = 0;  // index among the sampled rows
+  for (int64_t r = 0; r < rows; ++r) {
+    const TX* xr = x + r * cols;
+    const TY* yr = y + r * cols;
+    if (!(r >= start && (r - start) % stride == 0)) {
+      count_row(xr, cols, nan_in, inf_in);
+      count_row(yr, cols, nan_out, inf_out);
+      continue;
+    }
+    // Input: sum (counts where it is not finite), then the centred (or raw, RMS) sum of squares.
+    double sum = row_sum(xr, cols);
+    if (sum - sum != 0.0) {
+      double unused_s, unused_q;
+      row_finite(xr, cols, unused_s, unused_q, nan_in, inf_in);
+    }
+    const double mean = sum / (double)cols;
+    double var = row_sq(xr, cols, rms ? 0.0 : mean) / (double)cols;
+    if (!var64) var = (double)(float)var;  // the torch path's accumulation dtype
+    const double mean_r = var64 ? mean : (double)(float)mean;
+    if (var < inf_d) {
+      ++valid;
+      s_mean += mean_r;
+      s_var += var;
+      mean_max = mean_r > mean_max ? mean_r : mean_max;
+      var_max = var > var_max ? var : var_max;
+      nmean_min = -mean_r > nmean_min ? -mean_r : nmean_min;
+      nvar_min = -var > nvar_min ? -var : nvar_min;
+      n_eps += var < eps_thr;
+      // bucketize(var, edges, right=True): the number of edges <= var.
+      int64_t a = 0, b = ne;
+      while (a < b) {
+        const int64_t mid = (a + b) >> 1;
+        const bool le = var64 ? edges[mid] <= var : (float)edges[mid] <= (float)var;
+        if (le) a = mid + 1; else b = mid;
+      }
+      vh[a] += 1.0;
+    } else {
+      vh[ne + 1] += 1.0;
+    }
+    if (k % hstep == 0) {
+      if (h64)
+        hist_idx_d(xr, cols, lo, scale, (double)(bins + 1), (double)(bins + 2), idx);
+      else
+        hist_idx_f(xr, cols, (float)lo, (float)scale, (float)(bins + 1), (float)(bins + 2), idx);
+      int64_t j = 0;
+      for (; j + 4 <= cols; j += 4) {
+        ++hc[idx[j]];
+        ++hc[hw + idx[j + 1]];
+        ++hc[2 * hw + idx[j + 2]];
+        ++hc[3 * hw + idx[j + 3]];
+      }
+      for (; j < cols; ++j) ++hc[idx[j]];
+    }
+    ++k;
+    // Output: sum and sum of squares; element-wise counts only for a row whose sum is not finite.
+    double os = row_sum(yr, cols), oq = row_sq(yr, cols, 0.0);
+    int64_t c = 0, d = 0;
+    if (os - os != 0.0 || oq - oq != 0.0) row_finite(yr, cols, os, oq, c, d);
+    nan_out += c;
+    inf_out += d;
+    bad_out_s += c + d;
+    o_n += (double)(cols - c - d);
+    o_sum += os;
+    o_sq += oq;
+  }
+  for (int64_t b = 0; b < hw; ++b) ih[b] += (double)(hc[b] + hc[hw + b] + hc[2 * hw + b] + hc[3 * hw + b]);
+  free(hc);
+  free(idx);
+  sums[0] += (double)valid;
+  sums[1] += s_mean;
+  sums[2] += s_var;
+  sums[3] += (double)n_eps;
+  sums[4] += (double)nan_in;
+  sums[5] += (double)inf_in;
+  sums[6] += (double)nan_out;
+  sums[7] += (double)inf_out;
+  sums[8] += o_n;
+  sums[9] += o_sum;
+  sums[10] += o_sq;
+  const double upd[4] = {mean_max, var_max, nmean_min, nvar_min};
+  for (int i = 0; i < 4; ++i) mx[i] = upd[i] > mx[i] ? upd[i] : mx[i];
+  if (nan_in + inf_in > 0 && da[3] > mx[4]) mx[4] = da[3];
+  if (bad_out_s > 0 && da[4] > mx[5]) mx[5] = da[4];
+  if (n_eps > 0 && da[5] > mx[6]) mx[6] = da[5];
+  return 0;
+}
+
+// Sum of squares (in double) of n values of dtype code t at p.
+template <class T>
+static double sumsq_impl(const T* p, int64_t n) {
+  return row_sq(p, n, 0.0);
+}
+
+}  // namespace
+
+#if NS_PART != 1
+extern "C" {
+
+int ns_monitor_stats(const int64_t* ia, const double* da) {
+  int rc = -1;
+  const bool ok = with_type((int)ia[0], [&](auto px) {
+    with_type((int)ia[1], [&](auto py) {
+      rc = monitor_stats_impl<elem_t<decltype(px)>, elem_t<decltype(py)>>(ia, da);
+    });
+  });
+  return ok ? rc : -1;
+}
+
+// Gradient norms for the monitor: s = sum of squares of g (n values, dtype code t) in double. mode 0
+// (input gradient): slot[0] += s, fired[0] = 1, and key[0] = max(key[0], neg_key) when s is not
+// finite. mode 1 (parameter gradient): slot[0] = s, fired[0] = 1. Returns 0, or < 0 on bad arguments.
+int ns_monitor_grad(int t, const void* g, int64_t n, int mode, double* slot, double* fired, double* key,
+                    double neg_key) {
+  if (!g || !slot || !fired || n < 0 || (mode == 0 && !key)) return -2;
+  double s = 0;
+  const bool ok = with_type(t, [&](auto p) { s = sumsq_impl((const elem_t<decltype(p)>*)g, n); });
+  if (!ok) return -1;
+  if (mode == 0) {
+    slot[0] += s;
+    if (!(s < __builtin_inf()) && neg_key > key[0]) key[0] = neg_key;
+  } else {
+    slot[0] = s;
+  }
+  fired[0] = 1.0;
+  return 0;
+}
+
+}  // extern "C"
+#endif
