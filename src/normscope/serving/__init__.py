@@ -2,9 +2,36 @@
 
 :data:`METRICS` is the catalogue of every metric normscope exports (the monitor's and the serving
 wrapper's); docs/metrics.md renders it, and the alert rules and dashboards in ``deploy/`` use only its
-names.
+names. :func:`instrument` (:class:`InstrumentedModel`) wraps an inference callable or ``nn.Module`` and
+records the serving metrics (docs/serving.md). ``prometheus_client`` is imported only when a wrapper is
+built.
 """
 
 from .metrics import METRICS, Metric
+from .wrapper import (
+    CONTENT_TYPE_LATEST,
+    BadInputError,
+    InstrumentedModel,
+    MetricsServer,
+    NonFiniteOutputError,
+    instrument,
+    instrumented,
+    metrics_text,
+    param_drift,
+    start_http_server,
+)
 
-__all__ = ["METRICS", "Metric"]
+__all__ = [
+    "METRICS",
+    "Metric",
+    "InstrumentedModel",
+    "instrument",
+    "instrumented",
+    "BadInputError",
+    "NonFiniteOutputError",
+    "MetricsServer",
+    "metrics_text",
+    "start_http_server",
+    "param_drift",
+    "CONTENT_TYPE_LATEST",
+]
