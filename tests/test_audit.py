@@ -246,8 +246,10 @@ def test_minilm_findings_are_true(minilm, minilm_result):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    first = {k: v[:8] for k, v in inputs.items()}  # the audit quantizes on the first 8 samples
+    assert r["quant"]["samples"] == 8
     with torch.no_grad():
-        y, yq = model(**inputs).double(), qmodel(**inputs).double()
+        y, yq = model(**first).double(), qmodel(**first).double()
     cosine = torch.nn.functional.cosine_similarity(y, yq, dim=1).mean().item()
     sqnr = 10 * math.log10(float((y ** 2).sum() / ((y - yq) ** 2).sum()))
     (f,) = kinds(r, "int8_degradation")

@@ -394,9 +394,11 @@ class _Audit:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rep = quant_sensitivity(self.model, self.inputs)
+            inputs, n = _first_samples(self.inputs, QUANT_SAMPLES)
+            rep = quant_sensitivity(self.model, inputs)
         d = rep.to_dict()
-        self.result["quant"] = {"formats": d["formats"], "ranking": d["ranking"], "dynamic_int8": d["dynamic_int8"],
+        self.result["quant"] = {"samples": n, "formats": d["formats"], "ranking": d["ranking"],
+                                "dynamic_int8": d["dynamic_int8"],
                                 "warnings": sorted({str(w.message) for w in caught
                                                     if issubclass(w.category, UserWarning)})}
         t = self.t
@@ -502,6 +504,29 @@ class _Audit:
                          f"normalization layers take {100 * share:.1f}% of the forward time ({norm_ms:.2f} of "
                          f"{forward_ms:.2f} ms): fuse them (normscope.convert, add_layer_norm) or fold them "
                          "(normscope.fold_norms_)", value=share, source="profile")
+
+
+#: The quantization sweep (one forward per layer and format) runs on at most this many samples of the inputs.
+QUANT_SAMPLES = 8
+
+
+def _first_samples(example_inputs, k: int):
+    """``(inputs, n)``: the first ``k`` samples when every tensor input has the same batch size ``> k``."""
+    tensors = [v for v in (example_inputs.values() if isinstance(example_inputs, collections.abc.Mapping)
+                           else (example_inputs if isinstance(example_inputs, (tuple, list)) else [example_inputs]))
+               if isinstance(v, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes or next(iter(sizes)) <= k:
+        return example_inputs, (next(iter(sizes)) if len(sizes) == 1 else None)
+
+    def cut(v):
+        return v[:k] if isinstance(v, torch.Tensor) else v
+
+    if isinstance(example_inputs, collections.abc.Mapping):
+        return {key: cut(v) for key, v in example_inputs.items()}, k
+    if isinstance(example_inputs, (tuple, list)):
+        return type(example_inputs)(cut(v) for v in example_inputs), k
+    return cut(example_inputs), k
 
 
 def _export_cache_dir() -> str:
