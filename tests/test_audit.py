@@ -174,6 +174,17 @@ def test_export_failure_is_a_warning_not_a_crash():
     assert [s["status"] for s in result["steps"]] == ["ok", "ok"]
 
 
+@needs_onnx
+def test_bfloat16_export_that_onnxruntime_cannot_run_is_unverified_not_wrong():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    result = run_audit(model, torch.randn(2, 8), dtype=torch.bfloat16, steps=("analysis", "export"))
+    (f,) = kinds(result, "export_unverified")
+    assert f["severity"] == "warning" and "not verified" in f["message"]
+    assert not kinds(result, "export_mismatch") and result["exit_code"] == 0
+    assert result["export"]["norm_nodes"] == {"LayerNormalization": 1} and result["export"]["max_abs_diff"] is None
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="Expected model to be a torch.nn.Module"):
         run_audit("model", torch.randn(2))
@@ -188,7 +199,10 @@ def test_bad_input():
 
 
 def test_every_finding_kind_is_documented():
+    from normscope.report import MITIGATIONS
+
     assert set(AUDIT_FINDING_KINDS).isdisjoint(FINDING_KINDS)
+    assert set(AUDIT_FINDING_KINDS) | set(FINDING_KINDS) <= set(MITIGATIONS)
     assert STEPS == ("analysis", "monitor", "export", "quantization", "profile")
 
 

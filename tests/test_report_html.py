@@ -31,7 +31,7 @@ FINDING_KINDS = [
     "grad_exploding", "grad_vanishing", "grad_outlier", "variance_shift",
     "eps_underflow", "reduced_precision", "eps_inconsistent", "post_ln_depth", "not_foldable",
     "quant_sensitive", "gamma_outliers", "int8_degradation",
-    "export_failed", "export_mismatch",
+    "export_failed", "export_mismatch", "export_unverified",
     "norm_latency",
 ]
 SECTIONS = ["header", "summary", "findings", "layers", "plots", "export", "quant", "profile", "steps"]

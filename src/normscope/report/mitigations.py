@@ -124,6 +124,11 @@ MITIGATIONS: Dict[str, Mitigation] = {
         "F2", "Exported model differs from PyTorch",
         "onnxruntime's output differs from PyTorch beyond tolerance: check eps and dtype in the exported "
         "LayerNormalization nodes (stash_type=1 for float32 statistics) and standardize them in the model config."),
+    "export_unverified": Mitigation(
+        "F2", "Exported model not checked numerically",
+        "onnxruntime's CPU provider could not run the exported graph (typically bfloat16 kernels it lacks), so "
+        "its outputs were not compared with PyTorch: audit the float32 model, or check the export on the "
+        "runtime you deploy to."),
     # profile
     "norm_latency": Mitigation(
         "F3", "Normalization takes a large share of time",
