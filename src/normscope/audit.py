@@ -102,27 +102,6 @@ def _call(model: torch.nn.Module, example_inputs):
     return model(*args, **kwargs)
 
 
-def _float_outputs(out) -> List[torch.Tensor]:
-    """Every floating-point tensor in a model output (tensor, sequence, mapping, ModelOutput)."""
-    found: List[torch.Tensor] = []
-
-    def visit(o):
-        if isinstance(o, torch.Tensor):
-            if o.is_floating_point():
-                found.append(o)
-        elif isinstance(o, collections.abc.Mapping):
-            for v in o.values():
-                visit(v)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                visit(v)
-        elif hasattr(o, "to_tuple"):  # transformers ModelOutput that is not a Mapping
-            visit(o.to_tuple())
-
-    visit(out)
-    return found
-
-
 def _cast_inputs(example_inputs, dtype: torch.dtype):
     """Floating tensors of the inputs cast to ``dtype`` (ids and masks untouched)."""
     def cast(v):
@@ -292,6 +271,7 @@ class _Audit:
     # --- 2. monitor -------------------------------------------------------------------------------------
 
     def monitor(self, baseline: Optional[dict]) -> None:
+        from normscope.analysis.quant import _float_tensors
         from normscope.discovery import find_norm_layers
         from normscope.monitor import Monitor
 
@@ -304,7 +284,8 @@ class _Audit:
             with Monitor(model, every=1, flush_every=None, grads=backward) as mon:
                 if backward:
                     out = _call(model, self.inputs)
-                    outs = _float_outputs(out)
+                    outs: List[torch.Tensor] = []
+                    _float_tensors(out, outs)
                     if not outs:
                         raise ValueError("Expected the model output to contain a floating-point tensor, but found "
                                          f"none in {type(out).__name__}")

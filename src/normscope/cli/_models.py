@@ -11,14 +11,31 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from typing import Any, Iterator, Tuple
+import sys
+import traceback
+from typing import Any, Callable, Iterator, Tuple
 
-__all__ = ["UsageError", "load_model", "load_factory", "load_hf_directory"]
+__all__ = ["UsageError", "load_model", "load_factory", "load_hf_directory", "failer"]
 
 _TRANSFORMERS_HINT = "pip install 'normscope[dev]' (or pip install transformers)"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: Sequence length of the example ``input_ids`` of a Hugging Face model.
 HF_SEQ_LEN = 16
+
+
+def failer(args, default_prog: str) -> Callable[..., int]:
+    """``fail(message, status=2) -> status`` for a subcommand: one ``PROG: error: MESSAGE`` line on stderr,
+    preceded by the traceback of the exception being handled when ``args.debug`` is set."""
+    prog = getattr(args, "prog", default_prog)
+    debug = getattr(args, "debug", False)
+
+    def fail(message: str, status: int = 2) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return status
+
+    return fail
 
 
 class UsageError(Exception):

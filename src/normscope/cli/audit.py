@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 HELP = "audit a model's normalization layers (default: the bundled all-MiniLM-L6-v2) and write an HTML report"
@@ -264,14 +263,9 @@ def write_json(result: dict, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prog = getattr(args, "prog", "normscope audit")
-    debug = getattr(args, "debug", False)
+    from normscope.cli._models import failer
 
-    def fail(message: str, status: int = 2) -> int:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return status
+    fail = failer(args, "normscope audit")
 
     progress = _Progress(not args.quiet)
     try:

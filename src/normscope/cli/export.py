@@ -10,7 +10,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import traceback
 
 HELP = "export a model to ONNX, count its norm operators and check it under onnxruntime"
 
@@ -80,14 +79,9 @@ def summary(report, description: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    prog = getattr(args, "prog", "normscope export")
-    debug = getattr(args, "debug", False)
+    from normscope.cli._models import failer
 
-    def fail(message: str, status: int = 2) -> int:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return status
+    fail = failer(args, "normscope export")
 
     from normscope.analysis.onnx_export import DEFAULT_OPSET
 
