@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,7 +114,3 @@ def load_default_model(sentences: Optional[Sequence[str]] = None) -> Tuple[Sente
     inputs = tokenize(tokenizer, list(SENTENCES if sentences is None else sentences))
     return model, inputs, tokenizer
 
-
-def describe_sentences(sentences: List[str]) -> str:
-    """A one-line description of a sentence set, e.g. ``"16 sentences (1-31 tokens)"``."""
-    return f"{len(sentences)} sentence{'s' if len(sentences) != 1 else ''}"

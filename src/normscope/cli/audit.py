@@ -76,7 +76,6 @@ class _Progress:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
         self.pending: Optional[str] = None  # shown with the first step, so that a usage error stays one line
 
     def line(self, text: str, *, final: bool = True) -> None:
