@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from normscope.analysis.onnx_export import _eval_mode
 from normscope.analysis.placement import _split_inputs
 
 __all__ = ["run_audit", "summary_text", "AUDIT_FINDING_KINDS", "AuditThresholds", "STEPS", "load_baseline"]
@@ -278,10 +279,8 @@ class _Audit:
         model = self.model
         trainable = [p for p in model.parameters() if p.requires_grad]
         backward = bool(trainable) and torch.is_grad_enabled()
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()  # dropout off: statistics of what the model computes at inference
-        try:
-            with Monitor(model, every=1, flush_every=None, grads=backward) as mon:
+        try:  # eval mode, dropout off: statistics of what the model computes at inference
+            with _eval_mode(model), Monitor(model, every=1, flush_every=None, grads=backward) as mon:
                 if backward:
                     out = _call(model, self.inputs)
                     outs: List[torch.Tensor] = []
@@ -303,8 +302,6 @@ class _Audit:
                 if baseline is not None:
                     findings += mon.compare(baseline)
         finally:
-            for m, training in modes:
-                m.training = training
             if backward:
                 for p in trainable:
                     p.grad = None
@@ -432,8 +429,6 @@ class _Audit:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         per_layer = {layer.name: [] for layer in layers}
         starts: Dict[str, float] = {}
         handles = []
@@ -451,7 +446,7 @@ class _Audit:
             return hook
 
         try:
-            with torch.no_grad():
+            with _eval_mode(model), torch.no_grad():
                 _call(model, self.inputs)  # warm-up
                 for layer in layers:
                     handles.append(layer.module.register_forward_pre_hook(pre(layer.name)))
@@ -472,8 +467,6 @@ class _Audit:
         finally:
             for h in handles:
                 h.remove()
-            for m, training in modes:
-                m.training = training
         # The fastest run is the least disturbed one (other processes only ever add time); the norm layers'
         # times come from the same run, so that the share compares like with like.
         best = min(range(repeats), key=lambda i: forward[i])
@@ -646,18 +639,13 @@ def run_audit(
         raise ValueError(f"Expected a model with at least one normalization layer, but {type(model).__name__} has "
                          "none (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm or a Hugging Face RMSNorm-style "
                          "module)")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with _eval_mode(model), torch.no_grad():
             _call(model, example_inputs)
     except Exception as e:  # noqa: BLE001
         line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"Expected the model to run on the example inputs, but it raised {type(e).__name__}"
                          + (f": {line}" if line else "")) from e
-    finally:
-        for m, training in modes:
-            m.training = training
 
     thresholds = thresholds or AuditThresholds()
     t_start = time.perf_counter()
