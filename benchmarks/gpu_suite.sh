@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, run on a CUDA machine from the repository root: environment, the CUDA test suite,
-# the device-to-device copy bandwidth and the kernel benchmarks. Results land under $OUT
+# the device-to-device copy bandwidth, the kernel benchmarks and the monitor overhead. Results land under $OUT
 # (default ./gpu-results). Optional wheels for peers (e.g. liger-kernel) are taken from ./.whl.
 # Usage: OUT=results bash benchmarks/gpu_suite.sh [test-timeout-s] [bench-ops]
 set -uo pipefail
@@ -20,6 +20,11 @@ timeout "$TEST_TIMEOUT" python3 -m pytest tests/cuda -q -p no:cacheprovider \
   >"$OUT/tests.log" 2>&1
 echo "tests exit $?" >>"$OUT/tests.log"
 tail -3 "$OUT/tests.log"
+# The monitor's Triton kernels, field by field on the GPU (the CPU runs them in the interpreter).
+timeout "$TEST_TIMEOUT" python3 -m pytest tests/test_monitor_triton.py -q -p no:cacheprovider \
+  >"$OUT/tests-monitor-triton.log" 2>&1
+echo "monitor triton tests exit $?" >>"$OUT/tests-monitor-triton.log"
+tail -1 "$OUT/tests-monitor-triton.log"
 # One bench run per op so that a run cut short still returns the ops it finished.
 for op in ${OPS//,/ }; do
   python3 -m normscope bench --device cuda --op "$op" --dtype bf16 --modes "${MODES:-forward,backward,full}" \
@@ -28,3 +33,7 @@ for op in ${OPS//,/ }; do
   echo "bench $op exit $?"
 done
 tail -3 "$OUT/bench.err"
+# Monitor step-time overhead on a small bf16 Llama: Triton kernels vs torch operations (needs transformers).
+timeout "${MONITOR_BENCH_TIMEOUT:-300}" python3 benchmarks/monitor_overhead_gpu.py --json "$OUT/monitor-overhead.json" \
+  --markdown "$OUT/monitor-overhead.md" 2>>"$OUT/bench.err" >/dev/null
+echo "monitor overhead exit $?"

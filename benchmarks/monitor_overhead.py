@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/monitor_overhead.py                          # defaults below, prints a markdown table
     python benchmarks/monitor_overhead.py --steps 20 --rounds 10 --json out.json --markdown out.md
+    python benchmarks/monitor_overhead.py --shared-model --compile                 # torch.compile(fullgraph=True)
 
 The workload: an embedding, ``torch.nn.TransformerEncoder`` (pre-LN blocks, ``nhead=4``, feed-forward
 ``4 * d_model``, no dropout, a final LayerNorm), a linear head and cross-entropy, trained with AdamW on
@@ -54,6 +55,15 @@ other process on a core stalls the OpenMP barriers of every op and step times ju
 one thread makes the comparison stable. ``--threads 0`` keeps torch's default.
 
 Allocator: glibc ``mallopt`` warm settings, as in ``normscope.bench`` (``--allocator default`` to skip).
+
+``--compile``: the model runs as ``torch.compile(model, fullgraph=True)`` (inductor) in every variant;
+the monitors' hooks are traced into the compiled graph (normscope's monitor custom ops). Only
+``none`` and the ``normscope*`` variants (the peers' ``.item()`` calls cannot be traced without a
+graph break). The warm-up steps compile every graph (a sampled and an unsampled one per monitor).
+With ``--shared-model`` each monitor is attached once, before the first compiled call, and paused
+(``Monitor.paused``) outside its variant's steps, so that the compiled graphs are made once: its
+steps are numbered on across rounds (2 of every 20 sampled at ``every=10``), and its periodic flush
+falls in the timed steps of some rounds, as without ``--shared-model``.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ except ImportError:  # running from a checkout without an install
 from normscope.bench import configure_allocator, machine_info
 
 VARIANTS = ("none", "normscope", "normscope_every1", "normscope_every1_torch", "naive", "wandb_like")
+COMPILE_VARIANTS = ("none", "normscope", "normscope_every1", "normscope_every1_torch")
 VOCAB = 256
 
 
@@ -227,10 +238,13 @@ class Runner:
             torch.manual_seed(args.seed)
             self.model = TinyLM(args.d_model, args.layers)
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+            self.fn = torch.compile(self.model, fullgraph=True) if args.compile else self.model
         else:  # --shared-model: one model and optimizer for all variants, monitors attached per round
-            self.model, self.opt = shared.model, shared.opt
+            self.model, self.opt, self.fn = shared.model, shared.opt, shared.fn
         self.variant = variant
-        self.per_round = shared is not None or args.shared_model
+        # Compiled and shared: monitors stay attached (paused outside their steps), see the docstring.
+        self.pause_between = args.compile and (shared is not None or args.shared_model)
+        self.per_round = (shared is not None or args.shared_model) and not args.compile
         self.batches = batches
         self.i = 0
         self.times: List[float] = []
@@ -241,6 +255,8 @@ class Runner:
             raise ValueError(f"unknown variant {variant!r}")
         if not self.per_round:
             self.attach()
+            if self.pause_between and isinstance(self.monitor, normscope.Monitor):
+                self.monitor.pause()
 
     def attach(self) -> None:
         v = self.variant
@@ -258,7 +274,7 @@ class Runner:
     def one_step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
-        logits = self.model(x)
+        logits = self.fn(x)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         self.opt.step()
@@ -269,6 +285,9 @@ class Runner:
     def run(self, steps: int, timed: bool) -> None:
         if self.per_round:  # a fresh monitor on the shared model for these steps (its steps 0..steps-1)
             self.attach()
+        paused = self.pause_between and isinstance(self.monitor, normscope.Monitor)
+        if paused:
+            self.monitor.resume()
         ts = []
         c0 = time.thread_time()
         for _ in range(steps):
@@ -276,6 +295,8 @@ class Runner:
             self.one_step()
             ts.append(time.perf_counter() - t0)
         cpu = time.thread_time() - c0
+        if paused:
+            self.monitor.pause()
         if timed:
             self.times.extend(ts)
             self.round_means.append(sum(ts) / len(ts))
@@ -296,6 +317,12 @@ def _quartiles(xs: List[float]):
     return q[0], q[2]
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (0 when it was never used)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return int(dynamo.utils.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
+
+
 def measure(args, progress: Callable[[str], None] = lambda s: None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randint(0, VOCAB, (args.batch, args.seq), generator=g),
@@ -309,6 +336,7 @@ def measure(args, progress: Callable[[str], None] = lambda s: None) -> dict:
         progress(f"warm-up {v}")
         r.run(args.warmup, timed=False)
     gc.collect()
+    graphs0 = _compiled_graphs()
     gc.disable()
     try:
         for k in range(args.rounds):
@@ -320,6 +348,7 @@ def measure(args, progress: Callable[[str], None] = lambda s: None) -> dict:
                      + ", ".join(f"{v} {1e3 * runners[v].round_means[-1]:.1f}" for v in args.variants) + " ms")
     finally:
         gc.enable()
+    new_graphs = _compiled_graphs() - graphs0  # graphs compiled during the timed rounds (recompilations)
     rows = {}
     for v, r in runners.items():
         med = statistics.median(r.round_means)
@@ -344,9 +373,10 @@ def measure(args, progress: Callable[[str], None] = lambda s: None) -> dict:
         ns, nv = rows["normscope"]["cpu_overhead_pct"], rows["naive"]["cpu_overhead_pct"]
         cpu_ratio = nv / ns if ns > 0 else float("inf")
     return {"config": {k: getattr(args, k) for k in ("d_model", "layers", "batch", "seq", "steps", "rounds",
-                                                     "warmup", "seed", "shared_model")}
+                                                     "warmup", "seed", "shared_model", "compile")}
             | {"variants": list(args.variants)},
             "norm_layers": n_norms, "parameters": n_params, "rows": list(rows.values()),
+            "graphs_compiled_while_timed": new_graphs if args.compile else None,
             "overhead_ratio_naive_over_normscope": ratio, "cpu_overhead_ratio_naive_over_normscope": cpu_ratio}
 
 
@@ -358,11 +388,15 @@ def markdown(result: dict, machine: str, command: str) -> str:
         machine,
         "",
         f"Workload: TransformerEncoder pre-LN, d_model {cfg['d_model']}, {cfg['layers']} layers, "
-        f"batch {cfg['batch']} x seq {cfg['seq']}, AdamW; {result['norm_layers']} LayerNorms, "
+        f"batch {cfg['batch']} x seq {cfg['seq']}, AdamW"
+        + (", torch.compile(fullgraph=True, inductor)" if cfg.get("compile") else "")
+        + f"; {result['norm_layers']} LayerNorms, "
         f"{result['parameters'] / 1e6:.2f} M parameters. {cfg['rounds']} rounds x {cfg['steps']} steps per "
         f"variant after {cfg['warmup']} warm-up steps"
         + ("; one shared model, each variant's monitor attached for its steps of a round (flushes not timed)."
-           if cfg.get("shared_model") else "; one model copy per variant."),
+           if cfg.get("shared_model") and not cfg.get("compile") else
+           "; one shared compiled model, each variant's monitor attached once and paused outside its steps "
+           "(flushes timed)." if cfg.get("shared_model") else "; one model copy per variant."),
         "",
         "| variant | ms/step | overhead vs none | spread | mean ms/step (incl. flushes) | overhead (mean) "
         "| CPU ms/step | overhead (CPU) | spread (CPU) |",
@@ -375,6 +409,9 @@ def markdown(result: dict, machine: str, command: str) -> str:
         ohc = "—" if none else f"{r['cpu_overhead_pct']:+.1f}%"
         lines.append(f"| {r['variant']} | {r['ms']:.2f} | {oh} | ±{r['spread_pct']:.1f}% | {r['mean_ms']:.2f} | "
                      f"{ohm} | {r['cpu_ms']:.2f} | {ohc} | ±{r['cpu_spread_pct']:.1f}% |")
+    if result.get("graphs_compiled_while_timed") is not None:
+        lines += ["", f"Graphs compiled during the timed rounds (recompilations): "
+                      f"{result['graphs_compiled_while_timed']}"]
     for key, what in (("overhead_ratio_naive_over_normscope", "wall clock"),
                       ("cpu_overhead_ratio_naive_over_normscope", "thread CPU time")):
         ratio = result.get(key)
@@ -397,7 +434,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--layers", type=int, default=4, help="encoder layers (default: 4)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--seq", type=int, default=64, help="sequence length (default: 64)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1; 0 keeps torch's default. On a shared 2-core VM, 2 OpenMP "
@@ -410,16 +447,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "round (and closing it, untimed, after them): removes the differences between separate "
                         "model copies (memory placement: a few %% on a shared VM), but leaves out normscope's "
                         "periodic flush")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model as torch.compile(model, fullgraph=True) (inductor); variants "
+                        f"{', '.join(COMPILE_VARIANTS)} only (default variants then: those)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the markdown report")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.steps % 10 or args.warmup < 0 or args.warmup % 10 or args.rounds <= 0:
         p.error("--steps must be a positive multiple of 10, --warmup a multiple of 10, --rounds positive")
+    allowed = COMPILE_VARIANTS if args.compile else VARIANTS
+    if args.variants is None:
+        args.variants = ",".join(allowed)
     args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in allowed]
     if unknown or not args.variants:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {unknown}{' with --compile' if args.compile else ''}; choose from "
+                f"{', '.join(allowed)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,5 +1,6 @@
 """normscope.Monitor under torch.distributed: flush all-reduces the window, so that the statistics of
-two ranks on halves of a batch equal those of one process on the whole batch."""
+two ranks on halves of a batch equal those of one process on the whole batch (DDP here; FSDP2 in
+test_monitor_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 BATCH, SEQ, DIM, STEPS, NAN_STEP = 8, 5, 16, 4, 4
 NAN_SAMPLE = 5  # in rank 1's half (samples 4..7): rank 1's local sample 1
 KEYS_EXACT = ("rows", "rows_sampled", "rows_nonfinite", "eps_rows", "nan_in", "inf_in", "nan_out", "inf_out",
-              "grad_input_steps", "in_hist", "steps", "window_start", "window_end")
+              "grad_input_steps", "grad_param_steps", "in_hist", "steps", "window_start", "window_end")
 KEYS_CLOSE = ("in_mean", "in_row_mean_min", "in_row_mean_max", "var_mean", "var_min", "var_p50", "var_p90",
               "var_p99", "var_max", "out_mean", "out_std", "grad_input_norm", "grad_input_norm_min",
-              "grad_input_norm_max", "weight_mean", "weight_std", "weight_norm", "weight_drift_l2",
-              "bias_mean", "bias_norm")
+              "grad_input_norm_max", "grad_param_norm", "grad_param_norm_min", "grad_param_norm_max") + tuple(
+    f"{p}_{f}" for p in ("weight", "bias") for f in ("mean", "std", "min", "max", "norm", "drift_l2", "drift_max",
+                                                      "drift_rms"))
 
 
 class Net(torch.nn.Module):
@@ -53,14 +55,19 @@ def _batch(step):
     return torch.randn(BATCH, SEQ, DIM, generator=g, dtype=torch.float64) * scale
 
 
-def _train(rank, world, sinks=None, ddp=False):
-    """Run STEPS clean steps (flush), then one step with a NaN (flush); return the monitor and window records."""
+def _train(rank, world, sinks=None, ddp=False, series=None):
+    """Run STEPS clean steps (flush), then one step with a NaN (flush); return the monitor and window records.
+
+    ``series``: a list that receives each window's per-layer ``WindowRaw.grad_series``."""
     torch.manual_seed(0)
     net = Net().double()
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
     mon = Monitor(net, every=1, sinks=sinks, flush_every=None, hist_range=(-6.0, 6.0), hist_bins=24)
+    if series is not None:
+        read = mon._read_window_dist if dist.is_initialized() else mon._read_window
+        setattr(mon, read.__name__, lambda *a: _kept(read(*a), series))
     windows = []
     for step in range(STEPS + 1):
         if step == NAN_STEP and lo <= NAN_SAMPLE < hi:
@@ -77,16 +84,32 @@ def _train(rank, world, sinks=None, ddp=False):
     return mon, windows
 
 
+def _kept(raws, series):
+    series.append({str(i): [list(e) for e in raw.grad_series] for i, raw in raws.items()})
+    return raws
+
+
 def _worker(rank, world, port, out_dir):
     try:
+        calls = []
+        real = dist.all_reduce
+
+        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            calls.append(str(op))
+            return real(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = counting  # the Monitor's collectives (DDP reduces gradients in its C++ reducer)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         try:
-            mon, windows = _train(rank, world, sinks=[JSONLSink(f"{out_dir}/sink{rank}.jsonl")], ddp=True)
+            series = []
+            mon, windows = _train(rank, world, sinks=[JSONLSink(f"{out_dir}/sink{rank}.jsonl")], ddp=True,
+                                  series=series)
+            train_calls = list(calls)
             findings = [f.to_record() for f in mon.findings()]
             mon.close()
             with open(f"{out_dir}/out{rank}.json", "w") as f:
-                json.dump({"windows": windows, "findings": findings}, f)
+                json.dump({"windows": windows, "findings": findings, "series": series, "calls": train_calls}, f)
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -136,9 +159,15 @@ def _same(a, b, key, rel=1e-9):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
 
 
+def _same_series(a, b):
+    return len(a) == len(b) and all(x[0] == y[0] and _same(x[1], y[1], "") and _same(x[2], y[2], "")
+                                    for x, y in zip(a, b))
+
+
 def test_two_ranks_report_the_single_process_statistics(tmp_path):
     out = _run_ranks(2, tmp_path)
-    _, single_windows = _train(0, 1)
+    single_series = []
+    _, single_windows = _train(0, 1, series=single_series)
     single_findings = [r for w in single_windows for r in w if r["type"] == "finding"]
 
     for w, (single, dist0, dist1) in enumerate(zip(single_windows, out[0]["windows"], out[1]["windows"])):
@@ -152,7 +181,8 @@ def test_two_ranks_report_the_single_process_statistics(tmp_path):
                 assert _same(d0[name].get(key), s[name].get(key), key), (w, name, key, d0[name].get(key),
                                                                           s[name].get(key))
             assert d0[name]["calls"] == 2 * s[name]["calls"]  # forward calls over all ranks
-            assert d0[name]["grad_param_steps"] == 2 * s[name]["grad_param_steps"]  # (rank, step) pairs
+            # The gradient of gamma/beta that DDP averaged (what the optimizer uses), counted once per step.
+            assert d0[name]["grad_param_steps"] == s[name]["grad_param_steps"] == s[name]["steps"]
         if w == 0:
             assert all(d0[n]["nan_in"] == 0 for n in d0)
             assert all(math.isfinite(d0[n]["grad_input_norm"]) for n in d0)
@@ -167,6 +197,17 @@ def test_two_ranks_report_the_single_process_statistics(tmp_path):
     key = sorted((f["kind"], f["layer"], f["step"]) for f in single_findings)
     assert sorted((f["kind"], f["layer"], f["step"]) for f in out[0]["findings"]) == key
     assert out[1]["findings"] == out[0]["findings"]
+
+    # The per-step series (step, |dL/dx|, |dL/d(gamma, beta)|): global, the single process's.
+    assert out[1]["series"] == out[0]["series"]
+    assert len(single_series) == 2 and out[0]["series"][2:] == [{}, {}]  # then findings() and close(): empty
+    for w, (d, s) in enumerate(zip(out[0]["series"], single_series)):
+        assert set(d) == set(s) == {"0", "1", "2"}
+        for i in s:
+            assert [e[0] for e in s[i]] == (list(range(NAN_STEP)) if w == 0 else [NAN_STEP])
+            assert _same_series(d[i], s[i]), (w, i, d[i], s[i])
+    # One SUM and one MAX per flush, nothing per step.
+    assert out[0]["calls"] == out[1]["calls"] == [str(dist.ReduceOp.SUM), str(dist.ReduceOp.MAX)] * 2
 
     # Sinks: rank 0 only (all_ranks=False).
     lines = (tmp_path / "sink0.jsonl").read_text().splitlines()
@@ -201,3 +242,33 @@ def test_single_rank_group_matches_local_and_issues_two_collectives_per_flush(tm
                 assert sb[name][key] == sa[name][key], (name, key)
             for key in KEYS_CLOSE + ("grad_param_norm", "grad_param_norm_max"):
                 assert _same(sb[name].get(key), sa[name].get(key), key, rel=1e-12), (name, key)
+
+
+def test_grad_series_holds_each_sampled_steps_norms_in_one_process():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 2))
+    ln = model[1]
+    mon = Monitor(model, every=2, flush_every=6)
+    series = []
+    read = mon._read_window
+    mon._read_window = lambda active: _kept(read(active), series)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = {}
+    for step in range(12):
+        h = model[0](torch.randn(4, 6) * (1 + step))
+        h.retain_grad()
+        model[2](ln(h)).square().mean().backward()
+        if step % 2 == 0:
+            gp = torch.sqrt(ln.weight.grad.square().sum() + ln.bias.grad.square().sum())
+            expected[step] = (h.grad.norm().item(), gp.item())
+        opt.step()
+        opt.zero_grad()
+        mon.step()
+    mon.close()
+    assert len(series) == 2  # flushed at steps 6 and 12 (close() has nothing left)
+    for w, window in enumerate(series):
+        entries = window["0"]
+        assert len(entries) == 6 // 2 and [e[0] for e in entries] == [6 * w, 6 * w + 2, 6 * w + 4]
+        for step, g_in, g_p in entries:
+            assert math.isclose(g_in, expected[step][0], rel_tol=1e-5), (step, g_in, expected[step])
+            assert math.isclose(g_p, expected[step][1], rel_tol=1e-5), (step, g_p, expected[step])

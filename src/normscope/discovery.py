@@ -6,7 +6,9 @@ modules) and by duck typing: a Hugging Face RMSNorm-style module (a 1-D ``weight
 ``variance_epsilon`` or ``eps``, e.g. ``LlamaRMSNorm``, ``T5LayerNorm``, ``GemmaRMSNorm``).
 :func:`convert` swaps such a module only after a numerical probe shows that it computes
 ``rms_norm(x) * weight`` or, Gemma-style, ``rms_norm(x) * (1 + weight)``;
-:func:`find_norm_layers` accepts it from its attributes alone unless asked to probe.
+:func:`find_norm_layers` accepts it from its attributes alone unless asked to probe. Which axes a
+LayerNorm / RMSNorm-style layer normalizes (the trailing ones, or the channels of a channels-first
+``(N, C, ...)`` input) is found from what it computes (:func:`probe_norm_dims`), never from its class.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 
 from normscope.ops.reference import layer_norm_ref, rms_norm_ref
 
-__all__ = ["NormLayer", "NORM_KINDS", "find_norm_layers", "effective_eps", "RMSStyle", "probe_norm", "probe_rms_style",
-           "rms_style_candidate"]
+__all__ = ["NormLayer", "NORM_KINDS", "find_norm_layers", "effective_eps", "RMSStyle", "probe_norm", "probe_norm_dims",
+           "probe_rms_style", "rms_style_candidate"]
 
 #: The kinds of normalization :func:`find_norm_layers` reports, by what the layer normalizes over.
 NORM_KINDS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
@@ -117,6 +119,84 @@ def probe_rms_style(module: torch.nn.Module) -> Tuple[Optional[RMSStyle], str]:
     return RMSStyle(eps=eps, weight_offset=offset), ""
 
 
+def _probe_sizes(n: int, count: int) -> List[int]:
+    """``count`` small sizes different from ``n`` and from each other (so no axis can pass for another)."""
+    return [s for s in (3, 5, 7, 11, 13) if s != n][:count]
+
+
+@torch.no_grad()
+def probe_norm_dims(
+    module: torch.nn.Module,
+    size: int,
+    eps: Optional[float],
+    kinds: Tuple[str, ...] = ("rms_norm", "layer_norm"),
+) -> Tuple[Optional[str], Optional[float], Optional[Tuple[int, ...]], str]:
+    """Find which axis of its input ``module`` normalizes over, by running it on small probes.
+
+    ``module`` is a per-vector norm with ``size`` features and (optionally) a 1-D ``weight`` / ``bias``
+    of that size. Its ``forward`` (without hooks, under ``no_grad``) is run on a channels-first input
+    ``(2, size, H, W)``, then ``(2, size, L)``, then on a plain ``(4, size)`` input (with ``H``, ``W``,
+    ``L`` different from ``size``, so that only one axis has ``size`` entries), and each output is
+    compared with the float64 reference normalized
+    over that axis (axis 1 for the first two, the last axis for the third), for each of ``kinds`` and
+    for a scale of ``weight`` or ``1 + weight``. The first probe that runs and matches decides.
+
+    Returns:
+        ``(kind, offset, norm_dims, "")`` with ``norm_dims`` ``(1,)`` (channels-first) or ``(-1,)``
+        (trailing), or ``(None, None, None, reason)`` when no probe matches.
+    """
+    params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+              if isinstance(p, torch.Tensor)]
+    if any(p.device.type == "meta" for p in params):
+        return None, None, None, "parameters are on the meta device; cannot probe what the module computes"
+    device, dtype = (params[0].device, params[0].dtype) if params else (torch.device("cpu"), torch.float32)
+    weight = getattr(module, "weight", None)
+    w = weight.double() if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (size,) else None
+    bias = getattr(module, "bias", None)
+    b = bias.double() if isinstance(bias, torch.Tensor) and tuple(bias.shape) == (size,) else None
+    h, wd = _probe_sizes(size, 2)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rtol = _PROBE_RTOL.get(dtype, 1e-4)
+    best, reasons = math.inf, []
+    for shape, dim in (((2, size, h, wd), 1), ((2, size, h), 1), ((4, size), -1)):
+        probe = (torch.randn(*shape, generator=gen) * 2.0 + 0.5).to(device, dtype)
+        try:
+            out = module.forward(probe)  # without the module's hooks (a Monitor's, say): nothing records the probe
+        except Exception as e:  # this layout is not what the module takes: try the next
+            reasons.append(f"{tuple(shape)}: {type(e).__name__}")
+            continue
+        if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+            reasons.append(f"{tuple(shape)}: output of another shape")
+            continue
+        x = probe.double().movedim(dim, -1)
+        out = out.double().movedim(dim, -1)
+        for kind in kinds:
+            for offset in (0.0, 1.0) if w is not None else (0.0,):
+                scale = None if w is None else w + offset
+                if kind == "rms_norm":
+                    ref = rms_norm_ref(x, size, scale, eps)
+                else:
+                    ref = layer_norm_ref(x, size, scale, b, 1e-5 if eps is None else eps)
+                err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+                if err <= rtol:
+                    return kind, offset, (dim,), ""
+                best = min(best, err)
+    names = " or ".join({"rms_norm": "RMSNorm", "layer_norm": "LayerNorm"}.get(k, k) for k in kinds)
+    detail = f" (relative error {best:.2e} > {rtol:.0e})" if math.isfinite(best) else ""
+    return None, None, None, (f"outputs do not match {names} over the channel or the last axis{detail}"
+                              + (f"; probes that did not run: {', '.join(reasons)}" if reasons else ""))
+
+
+def _torch_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs torch's or normscope's own LayerNorm / RMSNorm forward (trailing axes)."""
+    from normscope import nn as nsnn
+
+    for cls in (torch.nn.LayerNorm, torch.nn.RMSNorm, nsnn.LayerNorm, nsnn.RMSNorm):
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class NormLayer:
     """One normalization layer of a model, as found by :func:`find_norm_layers`.
@@ -125,8 +205,9 @@ class NormLayer:
         name: qualified module name (``""`` for the model itself).
         module: the module.
         kind: one of :data:`NORM_KINDS`. ``layer_norm`` and ``rms_norm`` normalize each vector over
-            the trailing ``normalized_shape``; ``group_norm`` each (sample, group); ``instance_norm``
-            each (sample, channel); ``batch_norm`` each channel over the batch and spatial positions.
+            the axes :attr:`norm_dims` (the trailing ``normalized_shape``, or the channel axis of a
+            channels-first norm); ``group_norm`` each (sample, group); ``instance_norm`` each
+            (sample, channel); ``batch_norm`` each channel over the batch and spatial positions.
         eps: the epsilon added to the variance (``None`` for ``torch.nn.RMSNorm(eps=None)``, which
             uses ``torch.finfo(input.dtype).eps``).
         affine: whether the layer has a learnable scale ``weight`` (gamma).
@@ -134,6 +215,13 @@ class NormLayer:
             ``None`` for the other kinds.
         duck_typed: True when the module was recognised by its attributes (a Hugging Face-style
             module such as ``LlamaRMSNorm``) rather than by its type.
+        norm_dims: for ``layer_norm`` / ``rms_norm``, the axes of the layer's input it normalizes
+            over, as found from what the module computes: trailing axes as negative indices
+            (``(-1,)``, or ``(-2, -1)`` for a 2-D ``normalized_shape``), or ``(1,)`` for a
+            channels-first norm that normalizes the channels of an ``(N, C, ...)`` input at each
+            position (timm's ``LayerNorm2d``, ConvNeXt's ``LayerNorm(data_format="channels_first")``).
+            ``None`` for the other kinds, and when it could not be found (parameters on the meta
+            device, or a probe that matched nothing): then the trailing ``normalized_shape`` is used.
     """
 
     name: str
@@ -143,6 +231,7 @@ class NormLayer:
     affine: bool
     normalized_shape: Optional[Tuple[int, ...]] = None
     duck_typed: bool = False
+    norm_dims: Optional[Tuple[int, ...]] = None
 
 
 def _eps_attr(module: torch.nn.Module) -> Optional[float]:
@@ -170,11 +259,6 @@ def _layer_norm_style_candidate(module: torch.nn.Module) -> Optional[Tuple[torch
     return None if eps is None else (weight, eps)
 
 
-def _probe_duck_kind(module: torch.nn.Module, weight: torch.Tensor, eps: float) -> Optional[str]:
-    """``"rms_norm"`` or ``"layer_norm"`` from what ``module`` computes on a small probe, else None."""
-    return probe_norm(module, weight, eps)[0]
-
-
 def find_norm_layers(
     model: torch.nn.Module,
     filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None,
@@ -189,16 +273,24 @@ def find_norm_layers(
     by duck typing (leaf modules only): Hugging Face RMSNorm-style modules as recognised by
     :func:`rms_style_candidate` (``LlamaRMSNorm``, ``T5LayerNorm``, ``GemmaRMSNorm``, ...), reported
     as ``rms_norm``, and LayerNorm-style modules with a bias whose class name contains "norm"
-    (``DebertaLayerNorm``), reported as ``layer_norm``. Each normalizes over its last dimension.
+    (``DebertaLayerNorm``, ConvNeXt's ``LayerNorm``), reported as ``layer_norm``.
+
+    Which axes a ``layer_norm`` / ``rms_norm`` layer normalizes (:attr:`NormLayer.norm_dims`) comes
+    from what it computes: the trailing ``normalized_shape`` for torch's and normscope's own modules;
+    a module that overrides ``forward`` (timm's ``LayerNorm2d``) or is duck-typed is run on small
+    probes (:func:`probe_norm_dims`, a few microseconds each) to tell a channels-first norm (over
+    axis 1 of an ``(N, C, ...)`` input) from a trailing one.
 
     Args:
         model: the model to search.
         filter_fn: optional ``filter_fn(module, qualified_name) -> bool``; layers for which it
             returns False are left out.
-        probe: if True, each duck-typed candidate is run once on a small probe input to confirm
-            what it computes (RMSNorm or LayerNorm, with ``weight`` or ``1 + weight`` as scale);
-            candidates that compute neither are left out. No module found by type is run. Default:
-            False, which runs nothing and also works on the meta device.
+        probe: if True, a duck-typed candidate is kept only when the probes confirm what it
+            computes (RMSNorm or LayerNorm over the channel or the last axis, with ``weight`` or
+            ``1 + weight`` as scale), and its kind is the one they found; candidates that compute
+            neither are left out. Default: False: candidates are kept with the kind their attributes
+            suggest, and the probes only find their axes. Modules on the meta device are never run
+            (their ``norm_dims`` stays None unless known from the class).
 
     Returns:
         A list of :class:`NormLayer`.
@@ -222,8 +314,14 @@ def find_norm_layers(
         if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
             kind = "layer_norm" if isinstance(module, torch.nn.LayerNorm) else "rms_norm"
             shape = tuple(int(d) for d in module.normalized_shape)
-            found = NormLayer(name, module, kind, None if module.eps is None else float(module.eps),
-                              module.weight is not None, shape)
+            eps = None if module.eps is None else float(module.eps)
+            if _torch_forward(module):
+                dims: Optional[Tuple[int, ...]] = tuple(range(-len(shape), 0))
+            elif len(shape) == 1:  # a subclass with its own forward (timm's LayerNorm2d permutes around it)
+                dims = probe_norm_dims(module, shape[0], eps, kinds=(kind,))[2]
+            else:
+                dims = None
+            found = NormLayer(name, module, kind, eps, module.weight is not None, shape, norm_dims=dims)
         elif isinstance(module, torch.nn.GroupNorm):
             found = NormLayer(name, module, "group_norm", float(module.eps), bool(module.affine))
         elif isinstance(module, _BatchNorm):
@@ -236,11 +334,13 @@ def find_norm_layers(
                 if cand is None:
                     continue
                 weight, eps = cand
+                probed, _, dims, _ = probe_norm_dims(module, int(weight.shape[0]), eps)
                 if probe:
-                    kind = _probe_duck_kind(module, weight, eps)
-                    if kind is None:
+                    if probed is None:
                         break
-                found = NormLayer(name, module, kind, eps, True, (int(weight.shape[0]),), duck_typed=True)
+                    kind = probed
+                found = NormLayer(name, module, kind, eps, True, (int(weight.shape[0]),), duck_typed=True,
+                                  norm_dims=dims)
                 break
         if found is None or (filter_fn is not None and not filter_fn(module, name)):
             continue

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -150,6 +150,10 @@ class WindowRaw:
     first_step: Optional[int] = None
     last_step: Optional[int] = None
     params: Dict[str, float] = field(default_factory=dict)
+    #: One ``(step, input-gradient norm, parameter-gradient norm)`` per sampled step of the window in which
+    #: gradients were seen, in step order; ``math.nan`` where one of them was not seen. Global figures under
+    #: torch.distributed. Per window only: :meth:`merge` and :meth:`copy` (the run totals) leave it out.
+    grad_series: List[Tuple[int, float, float]] = field(default_factory=list)
 
     @classmethod
     def from_row(cls, row: Sequence[float], layout: Layout) -> "WindowRaw":

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import functools
 import json
 import math
 import numbers
 import os
-import statistics
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from normscope.discovery import NormLayer, effective_eps, find_norm_layers
+from normscope.monitor import _compiled, rules
 from normscope.monitor import _layout as L
 from normscope.monitor.findings import Finding, Thresholds
 from normscope.monitor.sinks import Sink
@@ -22,6 +24,7 @@ from normscope.monitor.sinks import Sink
 __all__ = ["Monitor", "save_snapshot", "load_snapshot", "SNAPSHOT_FORMAT"]
 
 SNAPSHOT_FORMAT = "normscope.monitor.snapshot/1"
+STATE_FORMAT = "normscope.monitor.state/1"
 _F64 = torch.float64
 
 
@@ -70,8 +73,10 @@ class _DeviceState:
                            s0 + 3 * i * e, f0 + 2 * i * e) for i in range(n_layers)]
         self.dirty = False  # written since the last flush
         self.grad_touched = False  # a gradient hook wrote into slots during this step
-        # Under torch.distributed: window step index -> this step's (layers, [|g_in|^2, input grad seen]),
-        # reduced over ranks at flush (the global input-gradient norm of a step needs the per-step sum).
+        # The window's per-step gradient history: sampled-step index -> that step's (layers, 5) copy of
+        # [slots, fired] (|g_in|^2, |g_w|^2, |g_b|^2, input grad seen, param grad seen), read at flush for
+        # WindowRaw.grad_series (and, under torch.distributed, reduced over the ranks: the global norm of a
+        # step needs the per-step sums). At most one entry per sampled step of the window.
         self.gin_hist: Dict[int, torch.Tensor] = {}
 
     def edges(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +133,16 @@ class _GradTap(torch.autograd.Function):
         return grad, None, None
 
 
+def _hook_tensors(args, kwargs, output) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(input, output) of a layer call as the forward hook sees them: the first tensor argument and the
+    output (its first element when it is a tuple or list); None where not a tensor."""
+    x, _ = _first_tensor(args, kwargs)
+    y = output
+    if isinstance(output, (tuple, list)) and output:
+        y = output[0]
+    return x, y if isinstance(y, torch.Tensor) else None
+
+
 def _first_tensor(args, kwargs) -> Tuple[Optional[torch.Tensor], Optional[Union[int, str]]]:
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
@@ -155,10 +170,14 @@ class Monitor:
     :class:`~normscope.monitor.Finding`\ s, and hands them to the sinks. See docs/monitor.md.
 
     Call :meth:`step` once per training step (after backward); every ``flush_every`` steps it
-    flushes. Without sinks the records stay in memory (:attr:`records`, :meth:`findings`).
+    flushes. Without sinks the records stay in memory (:attr:`records`, :meth:`findings`). A trainer
+    numbers the steps itself with ``step(step=global_step)``, leaves evaluation out with
+    :meth:`paused`, and resumes a run with :meth:`state_dict` / :meth:`load_state_dict` (see
+    :mod:`normscope.integrations` for the Hugging Face Trainer and Lightning).
 
     Args:
-        model: the model (a ``torch.compile``'d module is unwrapped; hooks go on the original).
+        model: the model (a ``torch.compile``'d module is unwrapped; hooks go on the original; with
+            ``strip_wrappers``, so is a ``DistributedDataParallel`` / ``DataParallel`` one).
         every: sample one step in ``every`` (steps 0, every, 2 * every, ...). Hooks on other steps
             return at once. Statistics, gradient norms and NaN/Inf checks cover sampled steps only,
             so a non-finite value is reported at the first sampled step that sees it; ``every=1``
@@ -186,15 +205,26 @@ class Monitor:
             (see :func:`~normscope.discovery.find_norm_layers`). Default: False.
         keep_records: how many of the most recent records :attr:`records` keeps. Default: 100000.
         process_group: the ``torch.distributed`` group whose ranks' statistics :meth:`flush` combines
-            when ``torch.distributed`` is initialised; None for the default group. Default: None.
+            when ``torch.distributed`` is initialised; None for the default group. Gamma/beta are
+            global figures over it: DTensor parameters (FSDP2) add up their shards, plain ones (DDP)
+            count as replicated. Default: None.
         all_ranks: under ``torch.distributed``, feed the sinks on every rank; by default only rank 0
             of the group writes to its sinks (every rank gets the global records and findings).
             Default: False.
         cpu_kernel: measure CPU tensors with normscope's fused C++ statistics kernel (one call per
             layer call and per gradient; built with the system compiler on first use, a few
             seconds once per machine). False, or when the kernel cannot be built: the pure-torch
-            path, which CUDA tensors always take. Both give the same statistics (see
-            docs/monitor.md). Default: True.
+            path. CUDA tensors take fused Triton kernels when triton imports (the torch path
+            otherwise; ``NORMSCOPE_MONITOR_KERNEL`` overrides, see docs/monitor.md, "GPU"). All
+            paths give the same statistics. Default: True.
+        strip_wrappers: name layers as in the user's model: unwrap ``DistributedDataParallel`` /
+            ``DataParallel`` (no leading ``module.``) and drop the ``_orig_mod``,
+            ``_fsdp_wrapped_module`` and ``_checkpoint_wrapped_module`` components that
+            ``torch.compile``, FSDP and activation checkpointing insert in the path. Default: True.
+        strip_prefix: a module path (e.g. ``"model"``, the attribute under which a LightningModule
+            holds the user's model) removed from the front of the layer names that start with it.
+            ``filter_fn`` still sees the names of ``named_modules()``. Renaming that makes two names
+            equal raises ``ValueError``. Default: None.
 
     Example::
 
@@ -229,12 +259,19 @@ class Monitor:
         process_group=None,
         all_ranks: bool = False,
         cpu_kernel: bool = True,
+        strip_wrappers: bool = True,
+        strip_prefix: Optional[str] = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
         orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
         if isinstance(orig, torch.nn.Module):
             model = orig
+        if strip_wrappers and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        if strip_prefix is not None and (not isinstance(strip_prefix, str) or not strip_prefix.strip(".")):
+            raise ValueError(f"Expected strip_prefix to be a non-empty module path such as 'model', but got "
+                             f"{strip_prefix!r}")
         _check_int("every", every)
         _check_int("hist_bins", hist_bins)
         _check_int("hist_max_elements", hist_max_elements)
@@ -269,6 +306,7 @@ class Monitor:
         if not layers:
             raise ValueError("Expected a model with at least one normalization layer, but found none"
                              + (" that filter_fn accepts" if filter_fn is not None else ""))
+        layers = _renamed(layers, bool(strip_wrappers), strip_prefix)
 
         self._layers: List[NormLayer] = layers
         self._every = int(every)
@@ -289,6 +327,7 @@ class Monitor:
         self._totals: List[Optional[L.WindowRaw]] = [None] * len(layers)
         self._step = 0
         self._sampling = True  # step 0 is sampled
+        self._paused = 0  # pause() depth: nothing is recorded while > 0
         self._closed = False
         self._bwd_order = 0
         self._step_calls: List[int] = []  # the layers called so far in this step, in call order
@@ -302,13 +341,15 @@ class Monitor:
         self._active: set = set()  # (layer, kind, detail) conditions already reported
         self._nonfinite_active = False
         self._grad_history: Dict[Tuple[int, str], collections.deque] = {}
+        self._rule_state = rules.RuleState()  # what the rules carry between windows (rules.py)
         self._run_written = False
         self._group = process_group
         self._all_ranks = bool(all_ranks)
-        self._gin_steps = 0  # sampled steps folded in this window while torch.distributed was initialised
+        self._gin_step_nums: List[int] = []  # the sampled steps folded in this window (gin_hist's indices)
 
-        # Reference copies of gamma / beta for drift, taken now.
+        # Reference copies of gamma / beta for drift, taken now (DTensor parameters: DTensor copies).
         self._refs: List[Dict[str, Tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        self._params: List[Dict[str, Optional[torch.Tensor]]] = []  # gamma / beta as last seen (_resolve_params)
         for layer in layers:
             params = {}
             for pname in ("weight", "bias"):
@@ -317,17 +358,21 @@ class Monitor:
                     with torch.no_grad():
                         params[pname] = (p, p.detach().clone())
             self._refs.append(params)
+            self._params.append({pname: getattr(layer.module, pname, None) for pname in ("weight", "bias")})
+        # Under torch.distributed, per (layer, parameter): the global mean of the previous flush, the shift of
+        # the shard-local sums that flush all-reduces (see _param_partials); the same on every rank.
+        self._param_shift: Dict[Tuple[int, str], float] = {}
+        self._deferred: List[Tuple[int, int, torch.Tensor]] = []  # parameter gradients read again after backward
+        self._replaced_warned = False
 
         self._handles = []
+        self._param_handles: Dict[Tuple[int, int], torch.utils.hooks.RemovableHandle] = {}
         for i, layer in enumerate(layers):
             m = layer.module
             self._handles.append(m.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._make_hook(i), with_kwargs=True))
-            if self._grads:
-                for col, pname in ((1, "weight"), (2, "bias")):
-                    p = getattr(m, pname, None)
-                    if isinstance(p, torch.nn.Parameter) and p.requires_grad:
-                        self._handles.append(p.register_post_accumulate_grad_hook(self._make_param_hook(i, col)))
+            for col, pname in ((1, "weight"), (2, "bias")):
+                self._watch_param(i, col, getattr(m, pname, None))
 
     # --- public API -----------------------------------------------------------------------------------
 
@@ -338,7 +383,13 @@ class Monitor:
 
     @property
     def current_step(self) -> int:
-        """The step now being recorded: 0 until the first :meth:`step` call."""
+        """The number of the step now being recorded: 0 until the first :meth:`step` call, then the
+        number :meth:`step` gave it (the previous number + 1, or the caller's ``step``).
+
+        It is the number of steps completed before this one, as the caller counts them: a trainer's
+        ``global_step`` while the step's forward and backward run. Records, findings, sampling
+        (``every``) and row rotation use this number.
+        """
         return self._step
 
     @property
@@ -346,35 +397,52 @@ class Monitor:
         """The most recent records (run, layer statistics, findings), oldest first."""
         return list(self._records)
 
-    def step(self) -> None:
+    def step(self, step: Optional[int] = None) -> None:
         """End the current step: fold its gradient norms in, advance, and flush every ``flush_every`` steps.
 
         Issues a few device operations when gradients were seen, and no host synchronisation (except
         for the flush itself).
+
+        Args:
+            step: the number of the next step, i.e. how many steps are complete now, as the caller
+                counts them (a trainer's ``global_step`` after its optimizer step); it must exceed
+                :attr:`current_step`, and may skip numbers (steps the monitor did not see). A step is
+                sampled when its number is a multiple of ``every``, and the window flushes when the
+                number reaches or passes a multiple of ``flush_every``. On a new monitor it starts
+                the numbering there (a resumed run). Default: :attr:`current_step` + 1.
         """
         if self._closed:
             raise RuntimeError("Expected an open Monitor, but step() was called after close()")
+        if step is not None and (not isinstance(step, numbers.Integral) or isinstance(step, bool)
+                                 or step <= self._step):
+            raise ValueError(f"Expected step to be an int greater than the current step {self._step}, but got "
+                             f"{step!r}")
+        if self._paused:
+            raise RuntimeError("Expected step() to be called outside paused() (after resume()), but the Monitor is "
+                               "paused")
         if self._step_calls:
             t = tuple(self._step_calls)
             if not self._order_changes or self._order_changes[-1][1] != t:
                 self._order_changes.append((self._step, t))
         self._fold_pending()
-        self._step += 1
+        prev, self._step = self._step, self._step + 1 if step is None else int(step)
         self._bwd_order = 0
         self._step_calls = []
         self._sampling = self._step % self._every == 0
-        if self._flush_every is not None and self._step % self._flush_every == 0:
+        if self._flush_every is not None and self._step // self._flush_every > prev // self._flush_every:
             self.flush()
 
     def _fold_pending(self) -> None:
-        keep = self._sampling and _dist_initialized()  # the per-step input-gradient history (see flush)
+        self._deferred = []  # left over only by a backward pass that raised
+        keep = self._sampling and self._grads  # the per-step gradient history (see flush)
         for st in self._states.values():
             if st.grad_touched:
                 if keep:
-                    st.gin_hist[self._gin_steps] = torch.stack([st.slots[:, 0], st.fired[:, 0]], 1)
+                    st.gin_hist[len(self._gin_step_nums)] = torch.cat([st.slots, st.fired], 1)
                 self._fold_grads(st)
         if keep:
-            self._gin_steps += 1
+            self._gin_step_nums.append(self._step)
+        self._resolve_params()
         for i in self._grad_layers_step:
             self._counters[i].saw_step(self._step)
         self._grad_layers_step = set()
@@ -399,7 +467,7 @@ class Monitor:
             raws = self._read_window(active) if active else {}
         for st in self._states.values():
             st.gin_hist.clear()
-        self._gin_steps = 0
+        self._gin_step_nums = []
         if not active:
             return []
         records: List[dict] = []
@@ -500,6 +568,114 @@ class Monitor:
             self._emit([f.to_record() for f in found])
         return found
 
+    @property
+    def is_paused(self) -> bool:
+        """Whether recording is paused (:meth:`pause` / :meth:`paused`)."""
+        return self._paused > 0
+
+    def pause(self) -> None:
+        """Stop recording until :meth:`resume`: the hooks return at once (forward calls, input and
+        parameter gradients), and :meth:`step` raises, so steps do not advance. Pauses nest: recording
+        resumes at the last matching :meth:`resume`. Prefer the :meth:`paused` context manager.
+        """
+        if self._closed:
+            raise RuntimeError("Expected an open Monitor, but pause() was called after close()")
+        self._paused += 1
+        self._sampling = False
+
+    def resume(self) -> None:
+        """End a :meth:`pause`; the current step is sampled again if its number is a multiple of ``every``."""
+        if not self._paused:
+            raise RuntimeError("Expected a paused Monitor, but resume() was called without a matching pause()")
+        self._paused -= 1
+        if not self._paused and not self._closed:
+            self._sampling = self._step % self._every == 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["Monitor"]:
+        """A context in which nothing is recorded and steps do not advance: evaluation, generation.
+
+        Example::
+
+            >>> with mon.paused():
+            ...     val_loss = evaluate(model, val_loader)
+        """
+        self.pause()
+        try:
+            yield self
+        finally:
+            self.resume()
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this one's numbering and findings, for a checkpoint.
+
+        Holds: the current step number; the reference gamma/beta of every layer (drift stays
+        measured from the start of the run, not from the resume); the findings so far, the
+        conditions already reported (so that a resumed run does not report them again) and the
+        per-layer gradient-norm history (so that exploding/vanishing gradients are judged at once).
+        Not the statistics of the current window (it does not flush: records not flushed yet are
+        not in it) nor the totals behind :meth:`snapshot`. Values are tensors (on the CPU), numbers,
+        strings, lists and dicts: ``torch.save`` / ``torch.load(..., weights_only=True)`` handle it.
+        """
+        names = [x.name for x in self._layers]
+        with torch.no_grad():
+            refs = [{pname: ref.detach().to("cpu", copy=True) for pname, (_, ref) in r.items()} for r in self._refs]
+        return {"format": STATE_FORMAT, "step": self._step, "layers": names, "refs": refs,
+                "findings": [f.to_record() for f in self._findings],
+                "active": [list(k) for k in sorted(self._active)], "nonfinite_active": self._nonfinite_active,
+                "grad_history": [[names[i], metric, list(h), h.maxlen]
+                                 for (i, metric), h in sorted(self._grad_history.items())],
+                "grad_steps": [[names[i], metric, n] for (i, metric), n in sorted(self._rule_state.grad_steps.items())],
+                "rules_last_step": self._rule_state.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run from a :meth:`state_dict`: the next records are numbered from its step.
+
+        Call it before the monitor records anything (right after construction), or between steps
+        with nothing unflushed (after :meth:`step` and :meth:`flush`); the monitor must watch the
+        same layers (same names, same parameter shapes).
+        """
+        if self._closed:
+            raise RuntimeError("Expected an open Monitor, but load_state_dict() was called after close()")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"Expected a Monitor.state_dict() ({STATE_FORMAT}), but got {got!r}")
+        names = [x.name for x in self._layers]
+        if list(state["layers"]) != names:
+            raise ValueError(f"Expected a state of the same layers {names}, but got {list(state['layers'])}")
+        step = state["step"]
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"Expected the state's step to be a non-negative int, but got {step!r}")
+        if self._step_calls or self._grad_layers_step or any(c.active for c in self._counters):
+            raise RuntimeError(f"Expected load_state_dict() before anything is recorded (or after step() and flush()), "
+                               f"but the Monitor has unflushed records of step {self._step}")
+        new_refs = []
+        for i, saved in enumerate(state["refs"]):
+            refs = dict(self._refs[i])
+            for pname, ref in saved.items():
+                entry = refs.get(pname)
+                if entry is None or not isinstance(ref, torch.Tensor) or ref.shape != entry[0].shape:
+                    raise ValueError(f"Expected the state's {pname} reference of layer {names[i]} to match the "
+                                     f"layer's parameter {None if entry is None else tuple(entry[0].shape)}, but "
+                                     f"got {tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__}")
+                p = entry[0]
+                with torch.no_grad():
+                    refs[pname] = (p, ref.detach().to(device=p.device, dtype=p.dtype, copy=True))
+            new_refs.append(refs)
+        self._refs = new_refs
+        self._findings = [Finding.from_record(r) for r in state["findings"]]
+        self._active = {tuple(k) for k in state["active"]}
+        self._nonfinite_active = bool(state["nonfinite_active"])
+        index = {n: i for i, n in enumerate(names)}
+        self._grad_history = {(index[n], metric): collections.deque(values, maxlen=maxlen)
+                              for n, metric, values, maxlen in state["grad_history"]}
+        self._rule_state.grad_steps = {(index[n], metric): int(c) for n, metric, c in state["grad_steps"]}
+        self._rule_state.last_step = state["rules_last_step"]
+        self._step = int(step)
+        self._order_changes = []
+        if not self._paused:
+            self._sampling = self._step % self._every == 0
+
     def close(self) -> None:
         """Flush, remove every hook and close the sinks. Idempotent."""
         if self._closed:
@@ -528,36 +704,48 @@ class Monitor:
     # --- hooks ------------------------------------------------------------------------------------------
 
     # Each hook is a cheap gate plus a heavy part. The gate only reads ``self._sampling``: on a step
-    # that is not sampled it returns at once, and torch.compile traces it away (guarding on the flag).
-    # The heavy part is wrapped in torch.compiler.disable, so that under torch.compile it runs eagerly
-    # at a graph break instead of being traced (tracing it would recompile at every step).
+    # that is not sampled it returns at once, and torch.compile traces it away (guarding on the flag:
+    # one compiled graph for sampled steps, one for the others). In eager mode the heavy part runs
+    # the measurement (wrapped in torch.compiler.disable, a no-op outside compiled code). Under
+    # torch.compile (``torch.compiler.is_compiling()``) it is traced instead, and calls the custom ops
+    # of normscope.monitor._compiled, which run the same measurement when the compiled graph runs:
+    # no graph break, and nothing in the graph depends on the step number.
 
     def _make_pre_hook(self, index: int):
         heavy = _eager(functools.partial(self._pre_hook, index))
+        op_id, _ = self._compiled_ids()
 
         def pre_hook(module, args, kwargs):
             if not self._sampling:
                 return None
+            if torch.compiler.is_compiling():
+                return self._pre_hook(index, args, kwargs, op_id)
             return heavy(args, kwargs)
 
         return pre_hook
 
-    def _pre_hook(self, index: int, args, kwargs):
+    def _pre_hook(self, index: int, args, kwargs, op_id: Optional[int] = None):
         if not self._grads or not torch.is_grad_enabled():
             return None
         x, where = _first_tensor(args, kwargs)
         if x is None or not x.requires_grad or not x.is_floating_point():
             return None
-        tapped = _GradTap.apply(x, self, index)
+        tapped = _GradTap.apply(x, self, index) if op_id is None else _compiled.tap(x, op_id, index)
         if isinstance(where, int):
             return args[:where] + (tapped,) + args[where + 1:], kwargs
         return args, {**kwargs, where: tapped}
 
     def _make_hook(self, index: int):
         heavy = _eager(functools.partial(self._hook, index))
+        op_id, token = self._compiled_ids()
 
         def hook(module, args, kwargs, output):
             if not self._sampling:
+                return None
+            if torch.compiler.is_compiling():
+                x, y = _hook_tensors(args, kwargs, output)
+                _compiled.observe(None if x is None else x.detach(), None if y is None else y.detach(), token,
+                                  op_id, index)
                 return None
             heavy(args, kwargs, output)
             return None
@@ -565,11 +753,16 @@ class Monitor:
         return hook
 
     def _hook(self, index: int, args, kwargs, output) -> None:
-        x, _ = _first_tensor(args, kwargs)
-        y = output
-        if isinstance(output, (tuple, list)) and output:
-            y = output[0]
-        self._observe(index, x, y if isinstance(y, torch.Tensor) else None)
+        self._observe(index, *_hook_tensors(args, kwargs, output))
+
+    def _compiled_ids(self) -> Tuple[int, torch.Tensor]:
+        """This monitor's id for the custom ops that the hooks call under torch.compile, and the token
+        tensor the forward op mutates (normscope.monitor._compiled); made on first use, at construction."""
+        ids = self.__dict__.get("_op_ids")
+        if ids is None:
+            with torch.inference_mode(False):
+                ids = self._op_ids = (_compiled.register(self), torch.zeros(1))
+        return ids
 
     def _make_param_hook(self, index: int, col: int):
         heavy = _eager(functools.partial(self._param_hook, index, col))
@@ -581,8 +774,96 @@ class Monitor:
         return hook
 
     def _param_hook(self, index: int, col: int, param: torch.Tensor) -> None:
-        if param.grad is not None:
-            self._on_param_grad(index, col, param.grad)
+        grad = param.grad
+        if grad is None:
+            return
+        if _dist_initialized():
+            if not _is_dtensor(param):
+                self._defer_param_grad(index, col, param)
+            grad = self._grad_part(grad)
+        self._on_param_grad(index, col, grad)
+
+    def _grad_part(self, grad: torch.Tensor) -> torch.Tensor:
+        """Under torch.distributed, what this rank adds to the global squared norm of a parameter gradient:
+        its local shard (a DTensor sharded over the ranks), or the whole gradient on the first replica of
+        a replicated one (rank 0 of the group for a plain tensor); a zero where nothing."""
+        part = _shard_part(grad, self._group)
+        if part is None or part.numel() == 0:
+            local = grad.to_local() if _is_dtensor(grad) else grad
+            return torch.zeros(1, dtype=local.dtype, device=local.device)
+        return part
+
+    def _defer_param_grad(self, index: int, col: int, param: torch.Tensor) -> None:
+        """Read ``param``'s gradient again when the backward pass ends: under DDP the hook sees this rank's
+        gradient, which DDP replaces by the average over the ranks in a callback at the end of backward."""
+        if not self._deferred:
+            try:
+                _queue_callback(self._after_backward)
+            except RuntimeError:  # not inside a backward pass: the hook's reading stands
+                return
+        self._deferred.append((index, col, param))
+
+    def _after_backward(self) -> None:
+        # Queued by the first gradient hook of the pass, this runs before the callbacks that DDP queues
+        # later in the pass (its reduction ends in one); queued again from here, the read runs after them.
+        _queue_callback(self._read_deferred)
+
+    @torch.no_grad()
+    def _read_deferred(self) -> None:
+        pending, self._deferred = self._deferred, []
+        for index, col, param in pending:
+            if param.grad is not None and not self._closed:
+                self._on_param_grad(index, col, self._grad_part(param.grad))
+
+    def _watch_param(self, i: int, col: int, p) -> None:
+        """Hook the gradient of ``p``, layer ``i``'s weight (``col`` 1) or bias (2), instead of the parameter
+        it replaces."""
+        old = self._param_handles.pop((i, col), None)
+        if old is not None:
+            old.remove()
+        if self._grads and isinstance(p, torch.nn.Parameter) and p.requires_grad:
+            handle = p.register_post_accumulate_grad_hook(self._make_param_hook(i, col))
+            self._param_handles[(i, col)] = handle
+            self._handles.append(handle)
+
+    def _resolve_params(self) -> None:
+        """Follow gamma / beta replaced since the Monitor was created (``fully_shard`` replaces them by DTensor
+        parameters): hook the new ones, and keep measuring drift from the reference (its local shard).
+
+        Called between steps. A DTensor replaced by a plain tensor is left alone: that is FSDP's unsharded
+        parameter, in place only during a forward or backward pass (or with resharding after backward off).
+        """
+        for i, layer in enumerate(self._layers):
+            seen, own, attrs = self._params[i], layer.module._parameters, layer.module.__dict__
+            for col, pname in ((1, "weight"), (2, "bias")):
+                old = seen[pname]
+                p = own[pname] if pname in own else attrs.get(pname)  # (nn.Module.__getattr__ is slow)
+                if p is old or not isinstance(p, torch.Tensor) or (_is_dtensor(old) and not _is_dtensor(p)):
+                    continue
+                seen[pname] = p
+                self._watch_param(i, col, p)
+                self._rebase_ref(i, pname, p)
+                if not self._replaced_warned:
+                    self._replaced_warned = True
+                    warnings.warn(f"normscope.Monitor: parameter {pname} of layer {layer.name} was replaced after the "
+                                  f"Monitor was created (e.g. by fully_shard); the Monitor follows the new parameters "
+                                  f"from step {self._step + 1} on, but missed their gradients before: create the "
+                                  f"Monitor after wrapping the model", RuntimeWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def _rebase_ref(self, i: int, pname: str, p: torch.Tensor) -> None:
+        """The drift reference of the new parameter ``p``: the old reference where the shapes agree (its
+        local shard for a DTensor, without communication), else a copy of ``p`` (drift measured from now)."""
+        entry = self._refs[i].pop(pname, None)
+        if p.numel() == 0 or p.device.type == "meta":
+            return
+        ref = None
+        if entry is not None and tuple(entry[1].shape) == tuple(p.shape):
+            try:
+                ref = _ref_like(entry[1], p)
+            except Exception:  # noqa: BLE001 - a placement this cannot slice locally: drift from now
+                ref = None
+        self._refs[i][pname] = (p, p.detach().clone() if ref is None else ref)
 
     def _state(self, device: torch.device) -> _DeviceState:
         st = self._states.get(device)
@@ -594,9 +875,11 @@ class Monitor:
         """``t`` as a 2-D (rows, values) tensor, a row being one vector the layer normalizes; None if unknown."""
         kind, m = layer.kind, layer.module
         if kind in ("layer_norm", "rms_norm"):
-            shape = layer.normalized_shape
-            if getattr(m, "data_format", None) == "channels_first" and t.dim() >= 2:  # e.g. ConvNeXt's
-                t = t.movedim(1, -1)
+            shape, dims = layer.normalized_shape, layer.norm_dims
+            if dims is not None and any(d >= 0 for d in dims):  # channels-first: the normalized axes to the end
+                if t.dim() <= max(dims):
+                    return None
+                t = t.movedim(dims, tuple(range(-len(dims), 0)))
             k = len(shape)
             if t.dim() < k or tuple(t.shape[t.dim() - k:]) != shape:
                 return None
@@ -646,6 +929,16 @@ class Monitor:
 
         st = self._state(x.device)
         st.dirty = True
+        if _triton_for(x, y):
+            # CUDA tensors (and any under NORMSCOPE_MONITOR_KERNEL=triton): the fused Triton kernels
+            # (normscope/monitor/_triton_stats.py), the same fields as the C++ kernel below.
+            key = self._step * L.KEY_STEP + 2 * order
+            lo, hi = self._layout.hist_range
+            _TS._stats_call(xr, yr, *st.views[i], st.edges(_F64)[0], start, self._stride, layer.kind == "rms_norm",
+                            self._eps_factor * effective_eps(layer, x.dtype),
+                            -(-n_s // max(1, self._hist_max_elements // xr.shape[1])), lo,
+                            self._layout.hist_bins / (hi - lo), (-float(key), -float(key + 1), -float(self._step)))
+            return
         if (self._cpu_kernel and x.device.type == "cpu" and y.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
                 and y.dtype in _KERNEL_DTYPES):
             # One fused pass (normscope.ops.cpu_backend.monitor_stats) instead of the ~45 ops below.
@@ -708,13 +1001,16 @@ class Monitor:
     @torch.no_grad()
     def _on_input_grad(self, i: int, grad: Optional[torch.Tensor]) -> None:
         """Backward of layer ``i``'s input tap: add |grad|^2 to this step's slot. No host synchronisation."""
-        if self._closed or grad is None:
+        if self._closed or self._paused or grad is None:
             return
         st = self._state(grad.device)
         order = self._bwd_order
         self._bwd_order += 1
         key = self._step * L.KEY_STEP + min(order, L.MAX_ORDER)
-        if self._cpu_kernel and grad.device.type == "cpu" and grad.dtype in _KERNEL_DTYPES:
+        if _triton_for(grad):
+            g_in, _, _, fired_in, _, key_v = st.grad_views[i]
+            _TS._grad_call(grad, g_in, fired_in, key_v, -float(key), True)
+        elif self._cpu_kernel and grad.device.type == "cpu" and grad.dtype in _KERNEL_DTYPES:
             a = st.addrs[i]
             _CB.monitor_grad(grad, a[5], a[6], a[4], -float(key), True)
         else:
@@ -734,7 +1030,10 @@ class Monitor:
         if self._closed:
             return
         st = self._state(grad.device)
-        if self._cpu_kernel and grad.device.type == "cpu" and grad.dtype in _KERNEL_DTYPES:
+        if _triton_for(grad):
+            views = st.grad_views[i]
+            _TS._grad_call(grad, views[col], views[4], views[4], 0.0, False)
+        elif self._cpu_kernel and grad.device.type == "cpu" and grad.dtype in _KERNEL_DTYPES:
             a = st.addrs[i]
             _CB.monitor_grad(grad, a[5] + 8 * col, a[6] + 8, 0, 0.0, False)
         else:
@@ -782,7 +1081,9 @@ class Monitor:
         return names, values
 
     def _read_window(self, active: List[int]) -> Dict[int, L.WindowRaw]:
-        """Pack each device's accumulators (and the parameter statistics) and read them in one transfer."""
+        """Pack each device's accumulators, gradient history (and the parameter statistics) and read them
+        in one transfer."""
+        self._resolve_params()
         per_device: Dict[torch.device, List[Tuple[int, str, torch.Tensor]]] = {}
         with torch.no_grad():
             for i in active:
@@ -793,13 +1094,18 @@ class Monitor:
         params: Dict[int, Dict[str, float]] = {}
         devices = [d for d, st in self._states.items() if st.dirty] + [d for d in per_device if
                                                                       not (d in self._states and self._states[d].dirty)]
-        width = self._layout.width
+        n, width, T = len(self._layers), self._layout.width, len(self._gin_step_nums)
+        hist = [0.0] * (T * n * 5)  # the per-step gradient history, (steps, layers, 5), summed over the devices
         for dev in devices:
             st = self._states.get(dev)
             use_buf = st is not None and st.dirty
+            use_hist = use_buf and bool(st.gin_hist)
             pvals = per_device.get(dev, [])
             with torch.no_grad():
                 parts = ([st.buf.reshape(-1)] if use_buf else []) + [v for _, _, v in pvals]
+                if use_hist:
+                    zero = torch.zeros(n, 5, dtype=_F64, device=dev)
+                    parts.append(torch.stack([st.gin_hist.get(t, zero) for t in range(T)]).reshape(-1))
                 packed = torch.cat(parts) if len(parts) > 1 else parts[0]
                 host = packed.to("cpu").tolist()  # the one device-to-host transfer for this device
                 if use_buf:
@@ -811,6 +1117,8 @@ class Monitor:
                     raw = L.WindowRaw.from_row(host[i * width:(i + 1) * width], self._layout)
                     raws[i] = raw if i not in raws else _merged(raws[i], raw)
                 off = len(self._layers) * width
+            if use_hist:
+                hist = [a + b for a, b in zip(hist, host[len(host) - T * n * 5:])]
             for i, pname, _ in pvals:
                 params.setdefault(i, {}).update(self._param_fields(i, pname, host[off:off + 7]))
                 off += 7
@@ -823,6 +1131,7 @@ class Monitor:
             raw.skipped_calls, raw.steps = c.skipped_calls, c.steps
             raw.first_step, raw.last_step = c.first_step, c.last_step
             raw.params = params.get(i, {})
+            raw.grad_series = _series(self._gin_step_nums, hist, n, i)
             raws[i] = raw
         return raws
 
@@ -834,21 +1143,73 @@ class Monitor:
                 f"{label}_norm": norm, f"{label}_drift_l2": dl2, f"{label}_drift_max": dmax,
                 f"{label}_drift_rms": dl2 / math.sqrt(n)}
 
+    @torch.no_grad()
+    def _param_partials(self, i: int) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+        """Layer ``i``'s gamma / beta as this rank's part of the global figures: ``(name, sums, maxima)``.
+
+        ``sums`` (added over the ranks): [1, n, n * (m - K), M2, n * (m - K)^2, sum of w^2, sum of (w - ref)^2],
+        where n, m and M2 are the count, mean and sum of squared deviations from m (two-pass) of this rank's
+        part (:func:`_shard_part`) and K is the global mean of the previous flush, the same on every rank;
+        ``maxima``: [max w, -min w, max |w - ref|]. :meth:`_param_fields_global` combines them (Chan et al.).
+        A rank without a part (a replica other than the first, an empty shard) adds zeros and -inf.
+        """
+        out = []
+        for pname, (p, ref) in self._refs[i].items():
+            w = _shard_part(p.detach(), self._group)
+            dev = (p.to_local() if _is_dtensor(p) else p).device
+            if w is None or w.numel() == 0:
+                out.append((pname, torch.zeros(7, dtype=_F64, device=dev),
+                            torch.full((3,), -math.inf, dtype=_F64, device=dev)))
+                continue
+            w = w.to(_F64).reshape(-1)
+            r = (ref.to_local() if _is_dtensor(ref) else ref).to(device=w.device, dtype=_F64).reshape(-1)
+            n = float(w.numel())
+            mean = w.mean()
+            dm = mean - self._param_shift.get((i, pname), 0.0)
+            d = w - r
+            sums = torch.stack([torch.ones((), dtype=_F64, device=w.device), torch.full((), n, dtype=_F64,
+                                device=w.device), n * dm, (w - mean).square().sum(), n * dm.square(),
+                                w.square().sum(), d.square().sum()])
+            out.append((pname, sums, torch.stack([w.amax(), -w.amin(), d.abs().amax()])))
+        return out
+
+    def _param_fields_global(self, i: int, pname: str, sums: Sequence[float], maxima: Sequence[float]
+                             ) -> Dict[str, float]:
+        """The gamma / beta fields from the all-reduced :meth:`_param_partials`; updates the shift K."""
+        parts, n, b, m2, c, sq, dsq = sums
+        k = self._param_shift.get((i, pname), 0.0)
+        if not n > 0:
+            return {}
+        # Between-part term sum_r n_r (m_r - m)^2 = sum_r n_r (m_r - K)^2 - n (m - K)^2: small when K is close
+        # to m (the mean of the previous flush); zero with one part (replicated parameters).
+        between = c - b * b / n if parts > 1 else 0.0
+        mean = k + b / n
+        self._param_shift[(i, pname)] = mean if math.isfinite(mean) else 0.0
+        hi, neg_lo, dmax = maxima
+        dl2 = math.sqrt(dsq)
+        label = "weight" if pname == "weight" else "bias"
+        return {f"{label}_mean": mean, f"{label}_std": math.sqrt(max((m2 + between) / n, 0.0)),
+                f"{label}_min": -neg_lo, f"{label}_max": hi, f"{label}_norm": math.sqrt(sq),
+                f"{label}_drift_l2": dl2, f"{label}_drift_max": dmax, f"{label}_drift_rms": dl2 / math.sqrt(n)}
+
     def _read_window_dist(self) -> Dict[int, L.WindowRaw]:
         """The window combined over the ranks of the process group: two ``all_reduce`` calls, then one read.
 
         Every layer's row is reduced (whether active here or not, so that all ranks issue the same
-        collectives): one SUM over the sums, the histograms, the per-step input-gradient history and
-        the host counters, one MAX over the maxima (minima and first-event keys are stored negated)
-        and the step range. Gamma/beta statistics are this rank's (replicated parameters).
+        collectives): one SUM over the sums, the histograms, the per-step gradient history, the host
+        counters and the partial sums of gamma / beta (:meth:`_param_partials`), one MAX over the maxima
+        (minima and first-event keys are stored negated), the step range and the extrema of gamma / beta.
+        Parameters are global figures: a DTensor's shards add up, a replicated parameter (DDP) counts once.
         """
         dist = torch.distributed
+        self._resolve_params()
         group, lay = self._group, self._layout
-        n, T, NS, H0 = len(self._layers), self._gin_steps, L.N_SUMS, L.HIST0
+        n, T, NS, H0 = len(self._layers), len(self._gin_step_nums), L.N_SUMS, L.HIST0
+        world = dist.get_world_size(group)
         dev = _comm_device(group)
         with torch.no_grad():
             buf = None
-            hist = torch.zeros(T, n, 2, dtype=_F64, device=dev)
+            hist = torch.zeros(T, n, 5, dtype=_F64, device=dev)
             for st in self._states.values():  # this rank's devices: sums add, maxima take the maximum
                 b = st.buf.to(dev, copy=True)
                 if buf is None:
@@ -858,7 +1219,7 @@ class Monitor:
                     buf[:, H0:] += b[:, H0:]
                     buf[:, NS:H0] = torch.maximum(buf[:, NS:H0], b[:, NS:H0])
                 if st.gin_hist:
-                    zero = torch.zeros(n, 2, dtype=_F64, device=st.device)
+                    zero = torch.zeros(n, 5, dtype=_F64, device=st.device)
                     hist += torch.stack([st.gin_hist.get(t, zero) for t in range(T)]).to(dev)
                 st.buf.copy_(st.template)
                 st.dirty = False
@@ -870,47 +1231,60 @@ class Monitor:
             cmax = torch.tensor([[c.steps, -inf if c.last_step is None else c.last_step,
                                   -inf if c.first_step is None else -c.first_step] for c in self._counters],
                                 dtype=_F64, device=dev)
-            sum_v = torch.cat([buf[:, :NS].reshape(-1), buf[:, H0:].reshape(-1), hist.reshape(-1), csum.reshape(-1)])
-            max_v = torch.cat([buf[:, NS:H0].reshape(-1), cmax.reshape(-1)])
+            pkeys, psums, pmaxs = [], [], []
+            for i in range(n):
+                for pname, ps, pm in self._param_partials(i):
+                    pkeys.append((i, pname))
+                    psums.append(ps.to(dev))
+                    pmaxs.append(pm.to(dev))
+            P = len(pkeys)
+            sum_v = torch.cat([buf[:, :NS].reshape(-1), buf[:, H0:].reshape(-1), hist.reshape(-1), csum.reshape(-1)]
+                              + psums)
+            max_v = torch.cat([buf[:, NS:H0].reshape(-1), cmax.reshape(-1)] + pmaxs)
             dist.all_reduce(sum_v, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(max_v, op=dist.ReduceOp.MAX, group=group)
-            # The input-gradient norm of a step: sqrt(sum over ranks of |g_in|^2) / world size, the norm of
-            # the gradient of the mean of the ranks' losses (what DDP optimises) over all samples.
+            # The norms of a step: input gradient sqrt(sum over ranks of |g_in|^2) / world size, the norm of the
+            # gradient of the mean of the ranks' losses (what DDP optimises) over all samples; parameters
+            # sqrt(sum over ranks of their parts of |g|^2), the norm of the gradient that the optimizer sees
+            # (the sharded one under FSDP, the averaged one under DDP: see _defer_param_grad).
             o1, o2 = n * NS, n * NS + n * (lay.width - H0)
-            hist = sum_v[o2:o2 + T * n * 2].view(T, n, 2)
-            g, on = hist[..., 0].sqrt() / dist.get_world_size(group), hist[..., 1] > 0
-            none = torch.full((1, n), -inf, dtype=_F64, device=dev)
-            gin = torch.stack([torch.where(on, g, 0.0).sum(0), on.sum(0, dtype=_F64),
+            hist = sum_v[o2:o2 + T * n * 5].view(T, n, 5)
+            g = torch.stack([hist[..., 0].sqrt() / world, (hist[..., 1] + hist[..., 2]).sqrt()], 2)  # (T, n, 2)
+            on = hist[..., 3:5] > 0
+            none = torch.full((1, n, 2), -inf, dtype=_F64, device=dev)
+            win = torch.stack([torch.where(on, g, 0.0).sum(0), on.sum(0, dtype=_F64),
                                torch.cat([torch.where(on, g, -inf), none]).amax(0),
-                               torch.cat([torch.where(on, -g, -inf), none]).amax(0)], 1)
-            host = torch.cat([sum_v[:o2], sum_v[o2 + T * n * 2:], max_v, gin.reshape(-1)]).to("cpu").tolist()
+                               torch.cat([torch.where(on, -g, -inf), none]).amax(0)], 1)  # (n, 4, 2)
+            host = torch.cat([sum_v[:o2], sum_v[o2 + T * n * 5:], max_v, win.reshape(-1), hist.reshape(-1)]
+                             ).to("cpu").tolist()
         nm, hw = H0 - NS, lay.width - H0
         sums, hists = host[:o1], host[o1:o2]
         o = o2
         csum, o = host[o:o + 5 * n], o + 5 * n
+        psum, o = host[o:o + 7 * P], o + 7 * P
         maxima, o = host[o:o + n * nm], o + n * nm
         cmax, o = host[o:o + 3 * n], o + 3 * n
-        gin = host[o:]
+        pmax, o = host[o:o + 3 * P], o + 3 * P
+        win, o = host[o:o + 8 * n], o + 8 * n
+        steps_hist = host[o:]
         raws: Dict[int, L.WindowRaw] = {}
         for i in range(n):
             calls, rows, rows_sampled, skipped, grad_events = (int(v) for v in csum[5 * i:5 * i + 5])
             if not (calls or skipped or grad_events):
                 continue
             s, m, h = sums[i * NS:(i + 1) * NS], maxima[i * nm:(i + 1) * nm], hists[i * hw:(i + 1) * hw]
-            s[L.S_GIN_SUM], s[L.S_GIN_N], m[L.M_GIN_MAX - NS], m[L.M_GIN_NEGMIN - NS] = gin[4 * i:4 * i + 4]
+            w = win[8 * i:8 * i + 8]  # [sum, steps, max, -min] x [input, params]
+            s[L.S_GIN_SUM], s[L.S_GP_SUM], s[L.S_GIN_N], s[L.S_GP_N] = w[0:4]
+            m[L.M_GIN_MAX - NS], m[L.M_GP_MAX - NS], m[L.M_GIN_NEGMIN - NS], m[L.M_GP_NEGMIN - NS] = w[4:8]
             steps, last, neg_first = cmax[3 * i:3 * i + 3]
             raws[i] = L.WindowRaw(s, m, h[:L.VAR_BINS + 3], h[L.VAR_BINS + 3:], calls, rows, rows_sampled, skipped,
                                   int(steps), None if neg_first == -inf else int(-neg_first),
                                   None if last == -inf else int(last))
-        per_device: Dict[torch.device, List[Tuple[int, str, torch.Tensor]]] = {}
-        with torch.no_grad():  # gamma / beta: replicated under DDP, so this rank's (one read per device)
-            for i in raws:
-                for pname, v in zip(*self._param_stats(i)):
-                    per_device.setdefault(v.device, []).append((i, pname, v))
-            for pvals in per_device.values():
-                vals = torch.cat([v for _, _, v in pvals]).to("cpu").tolist()
-                for j, (i, pname, _) in enumerate(pvals):
-                    raws[i].params.update(self._param_fields(i, pname, vals[7 * j:7 * j + 7]))
+            raws[i].grad_series = _series(self._gin_step_nums, steps_hist, n, i, world)
+        for j, (i, pname) in enumerate(pkeys):  # every layer's (the shift K of each moves on)
+            fields = self._param_fields_global(i, pname, psum[7 * j:7 * j + 7], pmax[3 * j:3 * j + 3])
+            if i in raws:
+                raws[i].params.update(fields)
         return raws
 
     def _calls_of(self, step: int) -> Tuple[int, ...]:
@@ -956,131 +1330,13 @@ class Monitor:
     # --- findings -----------------------------------------------------------------------------------------
 
     def _detect(self, raws: Dict[int, L.WindowRaw], stats: Dict[int, dict]) -> List[Finding]:
-        found: List[Finding] = []
-        current: set = set()
-        th = self._thresholds
-        names = [x.name for x in self._layers]
-
-        # First non-finite value in execution order: the smallest (step, order, output?) key.
-        keys = [(raw.first_key(col), i) for i, raw in raws.items()
-                for col in (L.M_NONFINITE_KEY, L.M_NONFINITE_OUT_KEY)]
-        keys = [(k, i) for k, i in keys if k is not None]
-        if keys and not self._nonfinite_active:
-            key, i = min(keys)
-            step, rest = divmod(key, L.KEY_STEP)
-            order, is_out = divmod(rest, 2)
-            s = stats[i]
-            if is_out:
-                found.append(Finding(
-                    names[i], step, "nonfinite_output", "error", float(s["nan_out"] + s["inf_out"]),
-                    f"first non-finite output in layer {names[i]} at step {step}, while its input was finite: "
-                    f"the normalization itself overflowed; check its gamma/beta and eps, or compute it in "
-                    f"float32"))
-            else:
-                calls = self._calls_of(step)
-                prev = names[calls[order - 1]] if 0 < order <= len(calls) else None
-                where = (f"between layer {prev} and this one" if prev is not None
-                         else "before the first monitored layer (model inputs, embeddings)")
-                found.append(Finding(
-                    names[i], step, "nonfinite_input", "error", float(s["nan_in"] + s["inf_in"]),
-                    f"first non-finite input in layer {names[i]} at step {step}: the NaN/Inf arose upstream, "
-                    f"{where}; inspect those operations (attention scores, activations, residual adds in low "
-                    f"precision), lower the learning rate or clip gradients"))
-        self._nonfinite_active = bool(keys) or any(
-            s["nan_in"] or s["inf_in"] or s["nan_out"] or s["inf_out"] for s in stats.values())
-
-        gkeys = [(raw.first_key(L.M_GRAD_NONFINITE_KEY), i) for i, raw in raws.items()]
-        gkeys = [(k, i) for k, i in gkeys if k is not None]
-        if gkeys:
-            key, i = min(gkeys)
-            step = key // L.KEY_STEP
-            current.add(("", "nonfinite_grad", ""))
-            if ("", "nonfinite_grad", "") not in self._active:
-                found.append(Finding(
-                    names[i], step, "nonfinite_grad", "error", math.nan,
-                    f"first non-finite gradient (in backward order) w.r.t. the input of layer {names[i]} at "
-                    f"step {step}: it arose in the backward pass between the loss and this layer; use gradient "
-                    f"clipping / loss scaling, or torch.autograd.detect_anomaly() to find the operation"))
-
-        for i, s in stats.items():
-            name = names[i]
-            raw = raws[i]
-            if s["eps_rows"] > 0:
-                current.add((name, "eps_dominated", ""))
-                if (name, "eps_dominated", "") not in self._active:
-                    frac = s["eps_fraction"]
-                    first = raw.first_key(L.M_EPS_KEY)
-                    step = first if first is not None else raw.last_step
-                    found.append(Finding(
-                        name, step, "eps_dominated", "warning" if frac >= th.eps_fraction else "info",
-                        float(s["eps_rows"]),
-                        f"{s['eps_rows']} of {s['rows_sampled']} sampled rows ({frac:.1%}) entering layer {name} "
-                        f"had variance below {self._eps_factor:g} * eps = {s['eps_threshold']:.3g} (first at step "
-                        f"{step}): eps, not the data, sets their scale; these are usually padding or constant "
-                        f"rows: mask them (normscope.masked_layer_norm / masked_rms_norm) or use a smaller eps"))
-            for label, greek in (("weight", "gamma"), ("bias", "beta")):
-                rms = s.get(f"{label}_drift_rms")
-                if rms is None or not rms > th.drift:  # NaN parameters follow a non-finite finding instead
-                    continue
-                kind = f"{label}_drift"
-                current.add((name, kind, ""))
-                if (name, kind, "") not in self._active:
-                    found.append(Finding(
-                        name, raw.last_step, kind, "warning", rms,
-                        f"{greek} ({label}) of layer {name} moved {rms:.3g} RMS ({s[f'{label}_drift_max']:.3g} "
-                        f"max-abs) from its reference by step {raw.last_step}: check the learning rate and weight "
-                        f"decay of normalization parameters (usually excluded from weight decay)"))
-
-        # Gradient norms: against the layer's own history, and against the other layers.
-        for metric, label in (("grad_input_norm", "input gradient norm"), ("grad_param_norm", "parameter "
-                                                                                              "gradient norm")):
-            values = {i: s[metric] for i, s in stats.items() if s[metric] is not None}
-            finite = {i: v for i, v in values.items() if math.isfinite(v)}
-            for i, v in finite.items():
-                name, raw = names[i], raws[i]
-                hist = self._grad_history.setdefault((i, metric), collections.deque(maxlen=th.grad_history_windows))
-                if len(hist) >= th.grad_history_min_windows:
-                    med = statistics.median(hist)
-                    if med > 0:
-                        ratio = v / med
-                        kind = ("grad_exploding" if ratio > th.grad_history else
-                                "grad_vanishing" if ratio < 1.0 / th.grad_history else None)
-                        if kind is not None:
-                            current.add((name, kind, metric))
-                            if (name, kind, metric) not in self._active:
-                                advice = ("clip gradients or lower the learning rate; eps-dominated rows also "
-                                          "amplify gradients (by up to 1/sqrt(eps))" if kind == "grad_exploding"
-                                          else "look for saturated or dead units, eps-dominated rows or a "
-                                               "detached path before this layer")
-                                found.append(Finding(
-                                    name, raw.last_step, kind, "warning", ratio,
-                                    f"{label} of layer {name} is {ratio:.3g}x its median over the previous "
-                                    f"{len(hist)} windows ({v:.3g} vs {med:.3g}) in steps {raw.first_step}-"
-                                    f"{raw.last_step}: {advice}"))
-                hist.append(v)
-            positive = sorted(v for v in finite.values() if v > 0)
-            # Across layers only for the input gradient: parameter gradients scale with each layer's
-            # position (the last norm before the loss has far larger ones), input gradients do not.
-            if metric == "grad_input_norm" and len(positive) >= 3:
-                for i, v in finite.items():
-                    others = [u for j, u in finite.items() if j != i and u > 0]
-                    med = statistics.median(others)
-                    ratio = v / med
-                    if th.grad_layers >= ratio >= 1.0 / th.grad_layers:
-                        continue
-                    name, raw = names[i], raws[i]
-                    current.add((name, "grad_outlier", metric))
-                    if (name, "grad_outlier", metric) not in self._active:
-                        found.append(Finding(
-                            name, raw.last_step, "grad_outlier", "warning", ratio,
-                            f"{label} of layer {name} is {ratio:.3g}x the median over the {len(others)} other layers "
-                            f"({v:.3g} vs {med:.3g}) in steps {raw.first_step}-{raw.last_step}: gradients "
-                            f"{'explode' if ratio > 1 else 'vanish'} around this layer; check its scale (gamma), "
-                            f"the branch feeding it, eps-dominated rows (which amplify gradients) and the learning "
-                            f"rate"))
-
-        observed = {names[i] for i in stats}
-        self._active = {k for k in self._active if k[0] not in observed and k[0] != ""} | current
+        """This window's new findings (:func:`normscope.monitor.rules.detect`); the reported conditions carry over."""
+        st = self._rule_state
+        st.active, st.nonfinite_active, st.grad_history = self._active, self._nonfinite_active, self._grad_history
+        ctx = rules.RuleContext([x.name for x in self._layers], self._thresholds, self._eps_factor, self._every,
+                                self._calls_of)
+        found = rules.detect(raws, stats, ctx, st)
+        self._active, self._nonfinite_active = st.active, st.nonfinite_active
         return found
 
 
@@ -1093,6 +1349,8 @@ _CB = None  # normscope.ops.cpu_backend, once the fused kernel is known to work
 def _cpu_kernel_available() -> bool:
     """Whether the fused CPU statistics kernel can be used (builds the CPU kernels on first use)."""
     global _CB
+    if _kernel_mode() in ("torch", "triton"):
+        return False
     if _CB is not None:
         return True
     try:
@@ -1107,6 +1365,63 @@ def _cpu_kernel_available() -> bool:
     return True
 
 
+#: The statistics kernels: "auto" (the C++ kernel for CPU tensors, Triton for CUDA tensors when triton
+#: imports, torch operations otherwise), "triton" (Triton for every tensor; CPU tensors need
+#: TRITON_INTERPRET=1), "cpp" (the C++ kernel for CPU tensors, torch operations for the others) or
+#: "torch" (torch operations for every tensor). Read once from NORMSCOPE_MONITOR_KERNEL.
+_KERNEL_MODES = ("auto", "triton", "cpp", "torch")
+_KERNEL_MODE: Optional[str] = None
+_TS = None  # normscope.monitor._triton_stats, once imported
+_TS_FAILED = False  # triton did not import (the "auto" mode then takes torch operations on CUDA)
+
+
+def _kernel_mode() -> str:
+    global _KERNEL_MODE
+    if _KERNEL_MODE is None:
+        mode = os.environ.get("NORMSCOPE_MONITOR_KERNEL", "").strip().lower() or "auto"
+        if mode not in _KERNEL_MODES:
+            raise ValueError(f"Expected NORMSCOPE_MONITOR_KERNEL to be one of {', '.join(_KERNEL_MODES)}, but got "
+                             f"{mode!r}")
+        _KERNEL_MODE = mode
+    return _KERNEL_MODE
+
+
+def _triton_for(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> bool:
+    """Whether the statistics of ``x`` (and ``y``) go through the fused Triton kernels."""
+    global _TS, _TS_FAILED
+    mode = _kernel_mode()
+    if mode == "cpp" or mode == "torch" or (mode == "auto" and x.device.type != "cuda"):
+        return False
+    if x.dtype not in _KERNEL_DTYPES or (y is not None and (y.dtype not in _KERNEL_DTYPES or y.device != x.device)):
+        return False
+    if _TS is None:
+        if _TS_FAILED and mode == "auto":
+            return False
+        try:
+            from normscope.monitor import _triton_stats
+        except ImportError as e:
+            _TS_FAILED = True
+            if mode == "triton":
+                raise ImportError("NORMSCOPE_MONITOR_KERNEL=triton needs triton: pip install 'normscope[gpu]'") from e
+            return False
+        _TS = _triton_stats
+    return True
+
+
+def _series(steps: Sequence[int], hist: Sequence[float], n: int, i: int, world: int = 1
+            ) -> List[Tuple[int, float, float]]:
+    """Layer ``i``'s ``WindowRaw.grad_series`` from the flat (steps, layers, 5) gradient history ``hist``
+    ([|g_in|^2, |g_w|^2, |g_b|^2, input gradient seen, parameter gradient seen]); the input-gradient norm is
+    divided by ``world`` (see Monitor._read_window_dist)."""
+    out = []
+    for t, step in enumerate(steps):
+        g_in, g_w, g_b, seen_in, seen_p = hist[(t * n + i) * 5:(t * n + i + 1) * 5]
+        if seen_in > 0 or seen_p > 0:
+            out.append((step, math.sqrt(g_in) / world if seen_in > 0 else math.nan,
+                        math.sqrt(g_w + g_b) if seen_p > 0 else math.nan))
+    return out
+
+
 def _merged(a: L.WindowRaw, b: L.WindowRaw) -> L.WindowRaw:
     a.merge(b)
     return a
@@ -1116,11 +1431,78 @@ def _dist_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _is_dtensor(t) -> bool:
+    if t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor  # loaded with torch.distributed once in use
+
+    return isinstance(t, DTensor)
+
+
+def _shard_part(t: torch.Tensor, group) -> Optional[torch.Tensor]:
+    """The part of ``t`` (a parameter or gradient) that this rank adds to global sums over ``group``: the
+    local shard of a DTensor on the first replica along its unsharded mesh dimensions; a plain tensor
+    (replicated, as under DDP) on rank 0 of the group only; None where nothing."""
+    if _is_dtensor(t):
+        coord = t.device_mesh.get_coordinate()
+        if coord is None or any(c != 0 for c, pl in zip(coord, t.placements) if not pl.is_shard()):
+            return None
+        return t.to_local()
+    return t if torch.distributed.get_rank(group) == 0 else None
+
+
+def _ref_like(ref: torch.Tensor, p: torch.Tensor) -> Optional[torch.Tensor]:
+    """The reference ``ref`` (of ``p``'s global shape) laid out like ``p``; None if that needs communication."""
+    if _is_dtensor(p):
+        if _is_dtensor(ref):
+            same = ref.device_mesh == p.device_mesh and tuple(ref.placements) == tuple(p.placements)
+            return ref if same else None
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        local = ref[tuple(slice(o, o + k) for o, k in zip(offset, shape))]
+        like = p.to_local()
+        return DTensor.from_local(local.to(device=like.device, dtype=like.dtype, copy=True), p.device_mesh,
+                                  p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    if _is_dtensor(ref):
+        return None
+    return ref.to(device=p.device, dtype=p.dtype, copy=True)
+
+
+def _queue_callback(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the current backward pass ends (RuntimeError outside one)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
 def _comm_device(group) -> torch.device:
     """Where the collectives run: the current CUDA device for NCCL, the CPU otherwise."""
     if "nccl" in str(torch.distributed.get_backend(group)).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+#: Module-path components that wrappers insert (torch.compile, FSDP, activation checkpointing).
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _renamed(layers: List[NormLayer], strip_wrappers: bool, prefix: Optional[str]) -> List[NormLayer]:
+    """``layers`` named as in the user's model: wrapper components and a leading ``prefix`` removed."""
+    pre = prefix.strip(".").split(".") if prefix else []
+    out, seen = [], {}
+    for layer in layers:
+        parts = layer.name.split(".") if layer.name else []
+        if strip_wrappers:
+            parts = [p for p in parts if p not in _WRAPPER_PARTS]
+        if pre and parts[:len(pre)] == pre:
+            parts = parts[len(pre):]
+        name = ".".join(parts)
+        if name in seen:
+            raise ValueError(f"Expected distinct layer names after renaming, but got {name!r} for both "
+                             f"{seen[name]!r} and {layer.name!r}; pass strip_wrappers=False or another strip_prefix")
+        seen[name] = layer.name
+        out.append(layer if name == layer.name else dataclasses.replace(layer, name=name))
+    return out
 
 
 def _check_int(name: str, value) -> None:
