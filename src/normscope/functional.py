@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-import normscope.ops.core  # noqa: F401  (registers the normscope:: custom ops)
+import normscope.ops.core  # registers the normscope:: custom ops
 
 __all__ = [
     "layer_norm",
@@ -44,9 +44,9 @@ def _normalized_shape(normalized_shape: Shape) -> Tuple[int, ...]:
                 "Expected normalized_shape to be an int or a sequence of ints, but got "
                 f"{type(normalized_shape).__name__}"
             ) from None
-    if len(shape) == 0 or any(s <= 0 for s in shape):
+    if len(shape) == 0 or any(s < 0 for s in shape):
         raise ValueError(
-            f"Expected normalized_shape to be non-empty with positive sizes, but got {list(shape)}"
+            f"Expected normalized_shape to be non-empty with non-negative sizes, but got {list(shape)}"
         )
     return shape
 
@@ -133,6 +133,24 @@ def _check_mask(mask: Tensor, x: Tensor) -> None:
         raise ValueError(f"Expected mask on the input's device {x.device}, but got mask on {mask.device}")
 
 
+def _check_offset(offset) -> float:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise TypeError(f"Expected offset to be a real number, but got {type(offset).__name__}")
+    offset = float(offset)
+    if offset != offset or abs(offset) == math.inf:  # (math.isfinite breaks torch.compile's tracing)
+        raise ValueError(f"Expected offset to be a finite number, but got {offset}")
+    return offset
+
+
+def _layout(x: Tensor) -> Optional[torch.memory_format]:
+    """The channels-last format ``x`` is laid out in (and not also contiguous), else None."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
 def _flat(t: Optional[Tensor], n: int) -> Optional[Tensor]:
     return None if t is None else t.reshape(-1, n)
 
@@ -141,15 +159,72 @@ def _vec(t: Optional[Tensor], n: int) -> Optional[Tensor]:
     return None if t is None else t.reshape(n)
 
 
-def _run(x, residual, mask, weight, bias, shape, eps, rms):
+def _transformed(x, residual, mask, weight, bias) -> bool:
+    """Whether a call needs :func:`_run_transformed`: forward AD, torch.func, ExpandedWeights."""
+    if torch.compiler.is_compiling():
+        return False
+    return (
+        normscope.ops.core.use_composite()
+        or normscope.ops.core.is_expanded_weight(weight)
+        or normscope.ops.core.is_expanded_weight(bias)
+    )
+
+
+def _run_transformed(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
+    """:func:`_run` under forward-mode AD and ``torch.func`` transforms, with ExpandedWeight
+    parameters, and for an empty ``normalized_shape``: the same computation in differentiable
+    torch ops (see :mod:`normscope.ops.core`)."""
+    core = normscope.ops.core
     n = math.prod(shape)
+    m = math.prod(x.shape[: x.dim() - len(shape)])
+    h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    offset = offset if weight is not None else 0.0
+    if n == 0:
+        # Nothing to normalize: empty outputs, as torch's, still connected to every input.
+        acc = core.acc_dtype(x.dtype, h_dtype or x.dtype)
+        h = None if residual is None else (x.to(acc) + residual.to(acc)).to(h_dtype)
+        y = (x if h is None else h).to(acc)
+        y = y * (weight.to(acc) + offset) if weight is not None else y
+        y = y + bias.to(acc) if bias is not None else y
+        y = y.to(x.dtype)
+    elif core.is_expanded_weight(weight) or core.is_expanded_weight(bias):
+        out = core.ExpandedWeightsNorm.apply(x, residual, mask, weight, bias, n, eps, rms, h_dtype, offset)
+        y, h = out if residual is not None else (out, None)
+    else:
+        m2 = None if mask is None else mask.expand(x.shape).reshape(m, n)
+        r2 = None if residual is None else residual.reshape(m, n)
+        y, h = core.norm_fwd_composite(
+            x.reshape(m, n), r2, m2, _vec(weight, n), _vec(bias, n), eps, rms, h_dtype, offset
+        )
+        y = y.reshape(x.shape)
+        h = None if h is None else h.reshape(x.shape)
+    fmt = _layout(x) if rms else None
+    if fmt is not None:
+        y = y.contiguous(memory_format=fmt)
+        h = h.contiguous(memory_format=fmt) if h is not None else None
+    return (y, h) if residual is not None else y
+
+
+def _run(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
+    n = math.prod(shape)
+    if n == 0 or _transformed(x, residual, mask, weight, bias):
+        return _run_transformed(x, residual, mask, weight, bias, shape, eps, rms, offset)
     m2 = None if mask is None else mask.expand(x.shape).reshape(-1, n)
     h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y, h, _, _ = torch.ops.normscope.norm_fwd(
-        x.reshape(-1, n), _flat(residual, n), m2, _vec(weight, n), _vec(bias, n), eps, rms, h_dtype
-    )
+    args = (x.reshape(-1, n), _flat(residual, n), m2, _vec(weight, n), _vec(bias, n), eps, rms, h_dtype)
+    if offset != 0.0 and weight is not None:
+        y, h, _, _ = torch.ops.normscope.norm_fwd(*args, offset)
+    else:
+        y, h, _, _ = torch.ops.normscope.norm_fwd(*args)
     y = y.view(x.shape)
-    return (y, h.view(x.shape)) if residual is not None else y
+    h = h.view(x.shape) if residual is not None else None
+    # RMSNorm keeps a channels-last input's layout, as torch's (elementwise) RMSNorm does;
+    # LayerNorm returns a contiguous output, as torch's does.
+    fmt = _layout(x) if rms else None
+    if fmt is not None:
+        y = y.contiguous(memory_format=fmt)
+        h = h.contiguous(memory_format=fmt) if h is not None else None
+    return (y, h) if residual is not None else y
 
 
 def layer_norm(
@@ -158,6 +233,8 @@ def layer_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
+    *,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""Layer normalization over the trailing ``normalized_shape`` dims.
 
@@ -175,9 +252,13 @@ def layer_norm(
         weight: :math:`\gamma` of shape ``normalized_shape``, or None. Default: None.
         bias: :math:`\beta` of shape ``normalized_shape``, or None. Default: None.
         eps: added to the variance. Default: ``1e-5``.
+        offset: keyword-only; the scale applied is ``weight + offset``, formed in float32 (float64
+            for float64 input) inside the kernels, never rounded to the weight's dtype; the gradient
+            w.r.t. ``weight`` is unchanged. ``offset=1`` is Gemma's ``x * (1 + weight)``. Ignored
+            without ``weight``. Default: 0.
 
     Shape:
-        Output has the shape and dtype of ``x``.
+        Output has the shape and dtype of ``x``, contiguous.
 
     Example::
 
@@ -189,7 +270,7 @@ def layer_norm(
     _check_input(x, shape)
     _check_param(weight, "weight", shape, x)
     _check_param(bias, "bias", shape, x)
-    return _run(x, None, None, weight, bias, shape, _check_eps(eps), rms=False)
+    return _run(x, None, None, weight, bias, shape, _check_eps(eps), False, _check_offset(offset))
 
 
 def rms_norm(
@@ -197,6 +278,8 @@ def rms_norm(
     normalized_shape: Shape,
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` dims.
 
@@ -209,6 +292,13 @@ def rms_norm(
         weight: :math:`\gamma` of shape ``normalized_shape``, or None. Default: None.
         eps: added to the mean square. Default: None, meaning ``torch.finfo(x.dtype).eps`` as in
             :func:`torch.nn.functional.rms_norm`.
+        offset: keyword-only, as in :func:`layer_norm`: ``weight + offset`` formed in float32
+            (Gemma: ``offset=1``). Default: 0.
+
+    Shape:
+        Output has the shape and dtype of ``x``, in ``x``'s memory format when that is
+        ``torch.channels_last`` (4-D) or ``torch.channels_last_3d`` (5-D), as
+        :func:`torch.nn.functional.rms_norm` keeps it; contiguous otherwise.
 
     Example::
 
@@ -219,7 +309,7 @@ def rms_norm(
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)
     _check_param(weight, "weight", shape, x)
-    return _run(x, None, None, weight, None, shape, _rms_eps(eps, x.dtype), rms=True)
+    return _run(x, None, None, weight, None, shape, _rms_eps(eps, x.dtype), True, _check_offset(offset))
 
 
 def add_layer_norm(
@@ -229,6 +319,8 @@ def add_layer_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
+    *,
+    offset: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     r"""Fused residual add and LayerNorm: ``h = x + residual; y = layer_norm(h)`` in one pass.
 
@@ -250,7 +342,7 @@ def add_layer_norm(
     _check_residual(residual, x)
     _check_param(weight, "weight", shape, x)
     _check_param(bias, "bias", shape, x)
-    return _run(x, residual, None, weight, bias, shape, _check_eps(eps), rms=False)
+    return _run(x, residual, None, weight, bias, shape, _check_eps(eps), False, _check_offset(offset))
 
 
 def add_rms_norm(
@@ -259,6 +351,8 @@ def add_rms_norm(
     normalized_shape: Shape,
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    offset: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     r"""Fused residual add and RMSNorm: ``h = x + residual; y = rms_norm(h)`` in one pass.
 
@@ -273,7 +367,7 @@ def add_rms_norm(
     _check_residual(residual, x)
     _check_param(weight, "weight", shape, x)
     eps = _rms_eps(eps, torch.promote_types(x.dtype, residual.dtype))
-    return _run(x, residual, None, weight, None, shape, eps, rms=True)
+    return _run(x, residual, None, weight, None, shape, eps, True, _check_offset(offset))
 
 
 def masked_layer_norm(
@@ -283,6 +377,8 @@ def masked_layer_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,
+    *,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""LayerNorm whose statistics cover only the elements where ``mask`` is True.
 
@@ -309,7 +405,7 @@ def masked_layer_norm(
     _check_mask(mask, x)
     _check_param(weight, "weight", shape, x)
     _check_param(bias, "bias", shape, x)
-    return _run(x, None, mask, weight, bias, shape, _check_eps(eps), rms=False)
+    return _run(x, None, mask, weight, bias, shape, _check_eps(eps), False, _check_offset(offset))
 
 
 def masked_rms_norm(
@@ -318,6 +414,8 @@ def masked_rms_norm(
     normalized_shape: Shape,
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    offset: float = 0.0,
 ) -> Tensor:
     r"""RMSNorm whose mean square covers only the elements where ``mask`` is True.
 
@@ -328,4 +426,4 @@ def masked_rms_norm(
     _check_input(x, shape)
     _check_mask(mask, x)
     _check_param(weight, "weight", shape, x)
-    return _run(x, None, mask, weight, None, shape, _rms_eps(eps, x.dtype), rms=True)
+    return _run(x, None, mask, weight, None, shape, _rms_eps(eps, x.dtype), True, _check_offset(offset))

@@ -39,8 +39,9 @@ class RMSNorm(torch.nn.RMSNorm):
 
     Same arguments as torch's (``normalized_shape, eps=None, elementwise_affine=True, device=None,
     dtype=None``) plus a keyword-only ``weight_offset`` (default 0): the scale applied is
-    ``weight_offset + weight``, so Gemma-style modules that store ``weight`` around 0 and multiply
-    by ``1 + weight`` convert with their checkpoints unchanged.
+    ``weight_offset + weight``, formed in float32 (as Gemma's ``1.0 + weight.float()``), so
+    Gemma-style modules that store ``weight`` around 0 and multiply by ``1 + weight`` convert with
+    their checkpoints unchanged. A channels-last input gives a channels-last output, as in torch.
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
@@ -49,11 +50,10 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight_offset = float(weight_offset)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        # the offset is added in float32 inside the kernels (Gemma's ``weight.float() + 1``), not
+        # in the weight's dtype, where bfloat16 would round it
         offset = getattr(self, "weight_offset", 0.0)
-        if weight is not None and offset != 0.0:
-            weight = weight + offset
-        return F.rms_norm(input, self.normalized_shape, weight, self.eps)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=offset)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

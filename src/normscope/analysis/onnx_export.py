@@ -111,11 +111,11 @@ class ExportReport:
 # --------------------------------------------------------------------------------------------
 
 
-def _norm_fwd_decomposition(x, residual, mask, weight, bias, eps, rms, h_dtype):
+def _norm_fwd_decomposition(x, residual, mask, weight, bias, eps, rms, h_dtype, offset=0.0):
     m, n = x.shape
     acc = R.acc_dtype(x.dtype, residual.dtype if residual is not None else x.dtype)
     if mask is not None:
-        y, h, mean, rstd = R.norm_fwd(x, residual, mask, weight, bias, eps, rms, h_dtype)
+        y, h, mean, rstd = R.norm_fwd(x, residual, mask, weight, bias, eps, rms, h_dtype, offset=offset)
         h = x.new_empty((0,)) if h is None else h
         mean = x.new_empty((0,), dtype=acc) if mean is None else mean
         return y, h, mean, rstd
@@ -126,6 +126,8 @@ def _norm_fwd_decomposition(x, residual, mask, weight, bias, eps, rms, h_dtype):
     else:
         h = x.new_empty((0,))
         xn = x
+    if weight is not None and offset != 0.0:
+        weight = weight.to(acc) + offset  # Gemma's weight.float() + 1, as the kernels form it
     params = [p for p in (weight, bias) if p is not None]
     if any(p.dtype != xn.dtype for p in params):
         # Mixed precision (e.g. float32 gamma with bfloat16 input): compute in the accumulation dtype

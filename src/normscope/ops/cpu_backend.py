@@ -303,7 +303,7 @@ def _check_like(t, name: str, shape: torch.Size, ref: str) -> None:
         )
 
 
-def _param(t, name: str, n: int, acc: torch.dtype) -> Optional[torch.Tensor]:
+def _param(t, name: str, n: int, acc: torch.dtype, offset: float = 0.0) -> Optional[torch.Tensor]:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -316,6 +316,10 @@ def _param(t, name: str, n: int, acc: torch.dtype) -> Optional[torch.Tensor]:
         raise ValueError(f"Expected {name} of shape ({n},), but got {tuple(t.shape)}")
     if t.dtype != acc or not t.is_contiguous():
         t = t.to(acc).contiguous()
+    if offset != 0.0:
+        # Gemma's ``weight.float() + 1``: the offset is added in the accumulation dtype, never in
+        # the weight's own (bfloat16 would round it).
+        t = t + offset
     return t
 
 
@@ -387,6 +391,8 @@ def norm_fwd(
     eps: float,
     rms: bool,
     h_dtype: Optional[torch.dtype] = None,
+    *,
+    offset: float = 0.0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """See :func:`normscope.ops.reference.norm_fwd`."""
     _check_2d(x, "x")
@@ -404,7 +410,7 @@ def norm_fwd(
     mask = _mask(mask, shape)
     acc64 = tx == 1 or (residual is not None and tr == 1)
     acc = torch.float64 if acc64 else torch.float32
-    w = _param(weight, "weight", n, acc)
+    w = _param(weight, "weight", n, acc, offset)
     b = _param(bias, "bias", n, acc)
     lib = _require()
 
@@ -458,6 +464,8 @@ def norm_bwd(
     rms: bool,
     has_bias: bool,
     dx_dtype: torch.dtype,
+    *,
+    offset: float = 0.0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """See :func:`normscope.ops.reference.norm_bwd`."""
     _check_2d(xn, "xn")
@@ -476,7 +484,7 @@ def norm_bwd(
     mask = _mask(mask, shape)
     acc64 = txn == 1 or tdy == 1
     acc = torch.float64 if acc64 else torch.float32
-    w = _param(weight, "weight", n, acc)
+    w = _param(weight, "weight", n, acc, offset)
     rstd = _stat(rstd, "rstd", m, acc)
     # ``mean`` is not used: the centering is recomputed from ``xn`` exactly as forward did it.
     lib = _require()

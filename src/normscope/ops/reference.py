@@ -53,6 +53,12 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+def _scale(weight: torch.Tensor, acc: torch.dtype, offset: float) -> torch.Tensor:
+    """``weight + offset`` formed in ``acc`` (never rounded to the weight's dtype)."""
+    w = weight.to(acc)
+    return w + offset if offset != 0.0 else w
+
+
 def _center(x: torch.Tensor, m: Optional[torch.Tensor], denom):
     """Shifted two-pass centering over the last dim: returns ``(s, d, c)`` with ``c = (x - s) - d``.
 
@@ -79,6 +85,8 @@ def norm_fwd(
     eps: float,
     rms: bool,
     h_dtype: Optional[torch.dtype] = None,
+    *,
+    offset: float = 0.0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """Forward of every normalization op on a 2-D problem.
 
@@ -88,9 +96,12 @@ def norm_fwd(
             accumulation dtype and rounded to ``h_dtype``; the statistics are taken over that
             rounded ``h`` (the tensor that backward will read back).
         mask: ``(M, N)`` bool or None. Statistics over the True elements of each row only;
-            outputs are 0 where False; a row with no True element has mean 0, rstd 0, output 0.
-            Backends need not support ``residual`` and ``mask`` together.
+            outputs are 0 where False, whatever ``x`` holds there (NaN and Inf included); a row
+            with no True element has mean 0, rstd 0, output 0. Backends need not support
+            ``residual`` and ``mask`` together.
         weight, bias: ``(N,)`` of any floating dtype, or None.
+        offset: the scale applied is ``weight + offset``, formed in the accumulation dtype (the
+            Gemma form ``weight.float() + 1``); ignored without ``weight``.
         eps: added to the variance (the mean square for RMS) before the reciprocal square root.
         rms: RMSNorm (no centering) when True, LayerNorm otherwise.
         h_dtype: dtype of ``h``; defaults to ``torch.promote_types(x.dtype, residual.dtype)``.
@@ -114,7 +125,9 @@ def norm_fwd(
         m = mask.to(acc)
         count = m.sum(-1, keepdim=True)
         denom = count.clamp_min(1.0)
-        xm = xn * m
+        # padded positions are replaced, not multiplied by 0 (NaN * 0 is NaN)
+        xn = torch.where(mask, xn, torch.zeros((), dtype=acc, device=xn.device))
+        xm = xn
     else:
         m = None
         denom = float(n)
@@ -133,11 +146,11 @@ def norm_fwd(
         rstd = torch.where(count > 0, rstd, torch.zeros_like(rstd))
     y = centered * rstd
     if weight is not None:
-        y = y * weight.to(acc)
+        y = y * _scale(weight, acc, offset)
     if bias is not None:
         y = y + bias.to(acc)
     if m is not None:
-        y = y * m
+        y = torch.where(mask, y, torch.zeros((), dtype=acc, device=y.device))
     if mean is not None and m is not None:
         mean = mean * (count.squeeze(-1) > 0)
     return y.to(x.dtype), h, mean, rstd.squeeze(-1)
@@ -154,6 +167,8 @@ def norm_bwd(
     rms: bool,
     has_bias: bool,
     dx_dtype: torch.dtype,
+    *,
+    offset: float = 0.0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Backward of :func:`norm_fwd`.
 
@@ -167,6 +182,7 @@ def norm_bwd(
             the centering from ``xn`` (see the module docstring) and may ignore ``mean``.
         has_bias: whether forward had a bias (``db`` is returned only then).
         dx_dtype: dtype of the returned input gradient.
+        offset: as in forward (``dw`` is the same with or without it: d(w + offset)/dw = 1).
 
     Returns:
         ``(dx, dw, db)``: ``dx`` ``(M, N)`` in ``dx_dtype``; ``dw`` and ``db`` of shape ``(N,)`` in
@@ -187,7 +203,9 @@ def norm_bwd(
     if mask is not None:
         m = mask.to(acc)
         denom = m.sum(-1, keepdim=True).clamp_min(1.0)
-        g0 = g0 * m
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        x = torch.where(mask, x, zero)
+        g0 = torch.where(mask, g0, zero)
     else:
         m = None
         denom = float(n)
@@ -196,7 +214,7 @@ def norm_bwd(
     xhat = x * r if rms else _center(x, m, denom)[2] * r
     if m is not None:
         xhat = xhat * m
-    g = g0 * weight.to(acc) if weight is not None else g0
+    g = g0 * _scale(weight, acc, offset) if weight is not None else g0
     c2 = (g * xhat).sum(-1, keepdim=True) / denom
     if rms:
         dx = r * (g - xhat * c2)
@@ -235,6 +253,8 @@ def _stats_norm(x, dims, eps, rms, m=None):
             y = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
         return y.reshape(x.shape)
     mf = m.to(acc).reshape(*lead, n)
+    # padded positions are replaced, not multiplied by 0 (NaN * 0 is NaN)
+    xf = torch.where(mf > 0, xf, torch.zeros((), dtype=acc, device=xf.device))
     count = mf.sum(-1, keepdim=True)
     denom = count.clamp_min(1.0)
     c = xf if rms else _center(xf, mf, denom)[2]

@@ -21,11 +21,12 @@ Backward
     A persistent grid of ``P`` programs (a few per multiprocessor; 4 on CPU). Fused path
     (``next_pow2(N) <= 8192``): program ``p`` handles row tiles ``p, p + P, ...``, reads ``xn`` /
     ``dy`` (and ``mask``, ``dh``) once, writes ``dx`` once, and accumulates its ``dw`` / ``db``
-    partial in float32 registers, stored once into row ``p`` of a ``(P, N)`` buffer. Column-loop
+    partial in float32 registers (two levels: blocks of 16 of its tiles, then the blocks), stored
+    once into row ``p`` of a ``(P, N)`` buffer. Column-loop
     path: groups of ``ROWS`` rows; a first loop over column blocks gives the row sums ``<g>``,
     ``<g * xhat>``, a second writes ``dx`` and adds the group's ``dw`` / ``db`` contribution to row
     ``p`` of the partials buffer in global memory (no other program touches that row). The
-    partials are then reduced over ``P`` by deterministic ``sum``s, into separate ``dw`` and ``db``
+    partials are then reduced over ``P`` by deterministic float64 ``sum``s, into separate ``dw`` and ``db``
     tensors (outputs of the custom op must not alias each other).
 
     LayerNorm does not trust the saved float32 mean, which is rounded to a spacing of about the
@@ -66,6 +67,7 @@ _BWD_LOOP_TILE = 8192  # elements of a [rows, block] tile of the looped backward
 _BWD_LOOP_WARPS = 16
 _BWD_LOOP_PER_SM = 1  # looped backward programs per multiprocessor
 _BWD_WARPS_PER_SM = 16  # fused backward: programs per multiprocessor = this // num_warps
+_BWD_DW_TILES = 16  # fused backward: tiles per block of the two-level dw / db sum
 
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PARAM_DTYPES = _IO_DTYPES + (torch.float64,)
@@ -105,6 +107,7 @@ def _fwd_fused_kernel(
     M,
     N,
     eps,
+    offset,
     HAS_RES: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -156,7 +159,7 @@ def _fwd_fused_kernel(
 
     y = xc * rstd[:, None]
     if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
         y = y * w[None, :]
     if HAS_B:
         b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -214,6 +217,7 @@ def _fwd_looped_kernel(
     RSTD,
     N,
     eps,
+    offset,
     HAS_RES: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -282,7 +286,7 @@ def _fwd_looped_kernel(
         else:
             y = ((x - shift) - mean_s) * rstd
         if HAS_W:
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
             y = y * w
         if HAS_B:
             b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -307,6 +311,7 @@ def _bwd_fused_kernel(
     M,
     N,
     num_tiles,
+    offset,
     HAS_DH: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -315,60 +320,73 @@ def _bwd_fused_kernel(
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
+    DW_TILES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if HAS_W:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+    # dw / db: a two-level sum -- each block of up to DW_TILES of the program's tiles is summed on
+    # its own, then added into the program's total (one running sum over every tile of a program
+    # loses accuracy when there are few programs and many rows)
     dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for tile in range(pid, num_tiles, nprog):
-        rows = tile * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        x = tl.load(XN + offs, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            mk = tl.load(MASK + offs, mask=ok, other=0)
-            valid = ok & (mk != 0)
-            denom = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)
-        else:
-            valid = ok
-            denom = N * 1.0
-        if RMS:
-            xhat = x * rstd[:, None]
-        else:
-            # The saved float32 mean is only a pivot s: the centering is recomputed from x as
-            # c = (x - s) - <x - s>, exact even when |mean| >> std (where s is off by ~ std).
-            s = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(tl.float32)
-            d = tl.where(valid, x - s[:, None], 0.0)
-            delta = tl.sum(d, axis=1) / denom
-            xhat = (d - delta[:, None]) * rstd[:, None]
-        xhat = tl.where(valid, xhat, 0.0)
-        g0 = tl.where(valid, dy, 0.0)
+    for t0 in range(pid, num_tiles, nprog * DW_TILES):
+        dw_blk = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        db_blk = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        n_in = tl.minimum((num_tiles - t0 + nprog - 1) // nprog, DW_TILES)
+        for i in range(0, n_in):
+            tile = t0 + i * nprog
+            rows = tile * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < M
+            ok = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            x = tl.load(XN + offs, mask=ok, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                mk = tl.load(MASK + offs, mask=ok, other=0)
+                valid = ok & (mk != 0)
+                denom = tl.maximum(tl.sum(valid.to(tl.float32), axis=1), 1.0)
+            else:
+                valid = ok
+                denom = N * 1.0
+            if RMS:
+                xhat = x * rstd[:, None]
+            else:
+                # The saved float32 mean is only a pivot s: the centering is recomputed from x as
+                # c = (x - s) - <x - s>, exact even when |mean| >> std (where s is off by ~ std).
+                s = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(tl.float32)
+                d = tl.where(valid, x - s[:, None], 0.0)
+                delta = tl.sum(d, axis=1) / denom
+                xhat = (d - delta[:, None]) * rstd[:, None]
+            xhat = tl.where(valid, xhat, 0.0)
+            g0 = tl.where(valid, dy, 0.0)
+            if HAS_W:
+                g = g0 * w[None, :]
+            else:
+                g = g0
+            c2 = tl.sum(g * xhat, axis=1) / denom
+            if RMS:
+                dx = (g - xhat * c2[:, None]) * rstd[:, None]
+            else:
+                c1 = tl.sum(g, axis=1) / denom
+                dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+            if HAS_MASK:
+                dx = tl.where(valid, dx, 0.0)
+            if HAS_DH:
+                dx += tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(DX + offs, _round_to(dx, DX.dtype.element_ty, EMULATE_RTNE), mask=ok)
+            if HAS_W:
+                dw_blk += g0 * xhat
+            if HAS_B:
+                db_blk += g0
         if HAS_W:
-            g = g0 * w[None, :]
-        else:
-            g = g0
-        c2 = tl.sum(g * xhat, axis=1) / denom
-        if RMS:
-            dx = (g - xhat * c2[:, None]) * rstd[:, None]
-        else:
-            c1 = tl.sum(g, axis=1) / denom
-            dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-        if HAS_MASK:
-            dx = tl.where(valid, dx, 0.0)
-        if HAS_DH:
-            dx += tl.load(DH + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DX + offs, _round_to(dx, DX.dtype.element_ty, EMULATE_RTNE), mask=ok)
-        if HAS_W:
-            dw_acc += g0 * xhat
+            dw_acc += dw_blk
         if HAS_B:
-            db_acc += g0
+            db_acc += db_blk
     prow = pid.to(tl.int64) * N
     if HAS_W:
         tl.store(DW_P + prow + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
@@ -386,6 +404,7 @@ def _bwd_load_block(
     cols,
     col_ok,
     ok,
+    offset,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
 ):
@@ -399,7 +418,7 @@ def _bwd_load_block(
         valid = ok
     g0 = tl.where(valid, dy, 0.0)
     if HAS_W:
-        g = g0 * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        g = g0 * (tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset)[None, :]
     else:
         g = g0
     return x, g0, g, valid
@@ -420,6 +439,7 @@ def _bwd_looped_kernel(
     M,
     N,
     num_groups,
+    offset,
     HAS_DH: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -453,7 +473,7 @@ def _bwd_looped_kernel(
             col_ok = cols < N
             ok = row_ok[:, None] & col_ok[None, :]
             x, g0, g, valid = _bwd_load_block(
-                DY, XN, MASK, W, base + cols[None, :], cols, col_ok, ok, HAS_MASK, HAS_W
+                DY, XN, MASK, W, base + cols[None, :], cols, col_ok, ok, offset, HAS_MASK, HAS_W
             )
             if RMS:
                 s2 += g * tl.where(valid, x * rstd[:, None], 0.0)
@@ -483,7 +503,7 @@ def _bwd_looped_kernel(
             col_ok = cols < N
             ok = row_ok[:, None] & col_ok[None, :]
             offs = base + cols[None, :]
-            x, g0, g, valid = _bwd_load_block(DY, XN, MASK, W, offs, cols, col_ok, ok, HAS_MASK, HAS_W)
+            x, g0, g, valid = _bwd_load_block(DY, XN, MASK, W, offs, cols, col_ok, ok, offset, HAS_MASK, HAS_W)
             if RMS:
                 xhat = tl.where(valid, x * rstd[:, None], 0.0)
                 dx = (g - xhat * c2[:, None]) * rstd[:, None]
@@ -618,6 +638,7 @@ def norm_fwd(
     rms: bool,
     h_dtype: Optional[torch.dtype] = None,
     *,
+    offset: float = 0.0,
     max_block: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """Triton forward; same contract as :func:`normscope.ops.reference.norm_fwd`.
@@ -685,6 +706,7 @@ def norm_fwd(
                 M,
                 N,
                 float(eps),
+                float(offset),
                 ROWS=rows,
                 BLOCK_N=block_n,
                 num_warps=warps,
@@ -695,6 +717,7 @@ def norm_fwd(
                 *args,
                 N,
                 float(eps),
+                float(offset),
                 BLOCK_N=block_n,
                 num_warps=warps,
                 **flags,
@@ -714,6 +737,7 @@ def norm_bwd(
     has_bias: bool,
     dx_dtype: torch.dtype,
     *,
+    offset: float = 0.0,
     max_block: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Triton backward; same contract as :func:`normscope.ops.reference.norm_bwd`.
@@ -783,18 +807,22 @@ def norm_bwd(
     )
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         kernel = _bwd_fused_kernel if fused else _bwd_looped_kernel
+        extra = dict(DW_TILES=_BWD_DW_TILES) if fused else {}
         kernel[(P,)](
             *args,
             M,
             N,
             triton.cdiv(M, rows),
+            float(offset),
             ROWS=rows,
             BLOCK_N=block_n,
             num_warps=warps,
             **flags,
+            **extra,
         )
     # Deterministic reductions over the P partial rows, into two separate tensors: the custom op
     # normscope::norm_bwd forbids outputs that alias each other (views of one result) or an input.
-    dw = torch.sum(part[0], 0) if has_w else None
-    db = torch.sum(part[n_part - 1], 0) if has_b else None
+    # (summed in float64 and rounded once: P x N values, negligible next to the kernel)
+    dw = torch.sum(part[0], 0, dtype=torch.float64).float() if has_w else None
+    db = torch.sum(part[n_part - 1], 0, dtype=torch.float64).float() if has_b else None
     return dx, dw, db
