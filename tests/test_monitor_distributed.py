@@ -7,14 +7,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from dist_helpers import run_ranks
 from normscope.monitor import JSONLSink, Monitor
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -118,33 +117,8 @@ def _worker(rank, world, port, out_dir):
         raise
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world, out_dir, timeout=120.0):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout)
-    finally:
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    errors = "".join(f"--- rank {r} ---\n{(out_dir / f'err{r}.txt').read_text()}" for r in range(world)
-                     if (out_dir / f"err{r}.txt").exists())
-    if hung or errors or any(p.exitcode != 0 for p in procs):
-        pytest.fail(f"distributed workers failed (hung ranks: {hung}, exit codes: {[p.exitcode for p in procs]})"
-                    f"\n{errors}")
-    return [json.loads((out_dir / f"out{r}.json").read_text()) for r in range(world)]
+    return run_ranks(_worker, world, out_dir, timeout)
 
 
 def _layer_stats(records):

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from dist_helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 HARD_TIMEOUT = 120.0
 N_REQUESTS = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prometheus_binary() -> str:
@@ -130,7 +125,7 @@ def test_service_metrics_and_alerts_in_a_real_prometheus():
             "rule_files:\n  - rules.yml\n"
             "scrape_configs:\n  - job_name: normscope-serving\n    static_configs:\n"
             f"      - targets: ['127.0.0.1:{port}']\n")
-        prom_port = _free_port()
+        prom_port = free_port()
         prom = subprocess.Popen(
             [prom_bin, f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
              f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=subprocess.STDOUT, cwd=tmp)

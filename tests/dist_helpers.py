@@ -1,0 +1,46 @@
+"""Shared test helpers for multi-process tests: a free loopback port and a spawned group of ranks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Callable, List
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Callable, world: int, out_dir: Path, timeout: float) -> List[dict]:
+    """Spawn ``worker(rank, world, port, out_dir)`` for every rank and return each rank's ``out{rank}.json``.
+
+    A worker writes its traceback to ``err{rank}.txt`` when it fails; any failure, hang or non-zero exit
+    fails the test with every rank's traceback.
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout)
+    finally:
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = "".join(f"--- rank {r} ---\n{(out_dir / f'err{r}.txt').read_text()}" for r in range(world)
+                     if (out_dir / f"err{r}.txt").exists())
+    if hung or errors or any(p.exitcode != 0 for p in procs):
+        pytest.fail(f"distributed workers failed (hung ranks: {hung}, exit codes: {[p.exitcode for p in procs]})"
+                    f"\n{errors}")
+    return [json.loads((out_dir / f"out{r}.json").read_text()) for r in range(world)]
