@@ -165,10 +165,6 @@ def use_composite() -> bool:
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
-def _offset_kw(offset: float) -> dict:
-    return {"offset": offset} if offset != 0.0 else {}
-
-
 def norm_fwd_composite(
     x: Tensor,
     residual: Optional[Tensor],
@@ -181,7 +177,7 @@ def norm_fwd_composite(
     offset: float = 0.0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`norm_fwd` in differentiable torch ops: returns ``(y, h or None)``."""
-    y, h, _, _ = reference.norm_fwd(x, residual, mask, weight, bias, eps, rms, h_dtype, **_offset_kw(offset))
+    y, h, _, _ = reference.norm_fwd(x, residual, mask, weight, bias, eps, rms, h_dtype, offset=offset)
     return y, h
 
 
@@ -200,7 +196,7 @@ def norm_bwd_composite(
     """:func:`norm_bwd` in differentiable torch ops, ``rstd`` recomputed from ``xn`` and ``eps``."""
     rstd = reference.norm_fwd(xn, None, mask, None, None, eps, rms)[3]
     return reference.norm_bwd(
-        dy, dh, xn, mask, weight, None, rstd, rms, has_bias, dx_dtype, **_offset_kw(offset)
+        dy, dh, xn, mask, weight, None, rstd, rms, has_bias, dx_dtype, offset=offset
     )
 
 
