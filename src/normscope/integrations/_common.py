@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, List, Sequence
 
-from normscope.monitor.sinks import Sink
+from normscope.monitor.sinks import Sink, as_sink_list
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -31,10 +31,5 @@ class FindingLogSink(Sink):
 def monitor_kwargs(kwargs: dict, sink: Sink) -> dict:
     """``kwargs`` for :class:`normscope.Monitor` with ``sink`` added to the user's sinks."""
     kwargs = dict(kwargs)
-    sinks = kwargs.pop("sinks", None)
-    if sinks is None:
-        sinks = []
-    elif isinstance(sinks, Sink) or (hasattr(sinks, "write") and not isinstance(sinks, (list, tuple))):
-        sinks = [sinks]
-    kwargs["sinks"] = list(sinks) + [sink]
+    kwargs["sinks"] = as_sink_list(kwargs.pop("sinks", None)) + [sink]
     return kwargs

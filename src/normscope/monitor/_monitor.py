@@ -19,7 +19,7 @@ from normscope.discovery import NormLayer, effective_eps, find_norm_layers
 from normscope.monitor import _compiled, rules
 from normscope.monitor import _layout as L
 from normscope.monitor.findings import Finding, Thresholds
-from normscope.monitor.sinks import Sink
+from normscope.monitor.sinks import Sink, as_sink_list
 
 __all__ = ["Monitor", "save_snapshot", "load_snapshot", "SNAPSHOT_FORMAT"]
 
@@ -292,11 +292,7 @@ class Monitor:
         elif not isinstance(thresholds, Thresholds):
             raise TypeError(f"Expected thresholds to be a normscope.monitor.Thresholds, but got "
                             f"{type(thresholds).__name__}")
-        if sinks is None:
-            sinks = []
-        elif isinstance(sinks, Sink) or (hasattr(sinks, "write") and not isinstance(sinks, (list, tuple))):
-            sinks = [sinks]
-        sinks = list(sinks)
+        sinks = as_sink_list(sinks)
         for s in sinks:
             if not (callable(getattr(s, "write", None)) and callable(getattr(s, "close", None))):
                 raise TypeError(f"Expected each sink to have write(records) and close() methods, but got "

@@ -118,5 +118,14 @@ def load(path: PathLike, *, type: Optional[str] = None) -> Table:
         return Table(r for r in rows if type is None or r.get("type") == type)
 
 
+def as_sink_list(sinks) -> List["Sink"]:
+    """``sinks`` (None, one sink or a sequence of them) as a new list."""
+    if sinks is None:
+        return []
+    if isinstance(sinks, Sink) or (hasattr(sinks, "write") and not isinstance(sinks, (list, tuple))):
+        return [sinks]
+    return list(sinks)
+
+
 def _type_name(obj) -> str:
     return obj.__class__.__name__
