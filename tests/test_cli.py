@@ -97,3 +97,17 @@ def test_import_normscope_stays_light():
 def test_help_exits_zero(capsys):
     assert main(["bench", "--help"]) == 0
     assert "--allocator" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["-m", "normscope", "--version"], ["-m", "normscope.cli", "--version"]])
+def test_version_comes_from_the_package_metadata(argv):
+    from importlib.metadata import version
+
+    if argv[1] == "normscope.cli":  # the console script's entry point, called the way the script calls it
+        argv = ["-c", "import sys; from normscope.cli import main; sys.exit(main(['--version']))"]
+    p = _run(*argv)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"normscope {version('normscope')}"
+    import normscope
+
+    assert normscope.__version__ == version("normscope")

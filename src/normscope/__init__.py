@@ -17,7 +17,18 @@ from normscope.functional import (
 from normscope.monitor import Monitor
 from normscope.nn import convert
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    # One source of truth: the installed package's metadata (pyproject.toml's ``version``).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("normscope")
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "layer_norm",

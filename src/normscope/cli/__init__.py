@@ -18,6 +18,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from normscope import __version__
+
 __all__ = ["main", "build_parser", "ArgumentParser", "SUBCOMMANDS"]
 
 SUBCOMMANDS = ("audit", "bench", "env", "export")
@@ -35,6 +37,7 @@ def build_parser() -> ArgumentParser:
         prog="normscope",
         description="normscope: fast, exact layer normalization for PyTorch.",
     )
+    parser.add_argument("--version", action="version", version=f"normscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in SUBCOMMANDS:
         importlib.import_module(f"normscope.cli.{name}").add_parser(sub)
