@@ -1,0 +1,29 @@
+"""The wheel carries what users and type checkers need: the C++ source, py.typed, the licence, true metadata."""
+
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contents_and_metadata(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "deprecat" not in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    (wheel,) = tmp_path.glob("normscope-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        meta = Parser().parsestr(z.read(meta_name).decode())
+    assert "normscope/py.typed" in names
+    assert "normscope/ops/csrc/norm_cpu.cpp" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert meta["License-Expression"] == "Apache-2.0"
+    from importlib.metadata import version
+
+    assert meta["Version"] == version("normscope")
+    assert meta["Requires-Python"] == ">=3.10"
