@@ -27,3 +27,16 @@ def test_wheel_contents_and_metadata(tmp_path):
 
     assert meta["Version"] == version("normscope")
     assert meta["Requires-Python"] == ">=3.10"
+
+
+def test_the_workflow_runs_what_ci_runs():
+    yaml = __import__("yaml")
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.startswith(("#", "set ", "cd "))]
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    runs = " ".join(step.get("run", "") for step in wf["jobs"]["test"]["steps"])
+    assert ci, "Expected commands in .ci/run"
+    for cmd in ci:
+        assert cmd in runs, f"Expected the workflow to run {cmd!r} like .ci/run, but got: {runs}"
+    assert wf["jobs"]["test"]["env"]["CI"] == "true"
+    assert wf["jobs"]["gpu"]["if"] == "github.event_name == 'workflow_dispatch'"
