@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench lint audit screenshot
+.PHONY: setup test bench lint audit screenshot docs
 
 setup: $(VENV)/.installed
 
@@ -31,3 +31,7 @@ screenshot: setup
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks examples
+
+# The documentation site (docs/ + the API reference from the docstrings) into site/; broken links fail it.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
