@@ -184,7 +184,7 @@ def test_fsdp2_gives_the_single_process_figures(ranks, single):
                 assert d[name][key] == s[name][key], (w, name, key)
             for key in GRAD_KEYS + PARAM_KEYS + VAR_KEYS:
                 assert (key in d[name]) == (key in s[name]), (w, name, key)
-                if key in s[name]:  # out_std: a one-pass E[y^2] - E[y]^2 in the layer statistics (1e-7 here)
+                if key in s[name]:  # variances: other summation orders (the ranks' moments merged by Chan)
                     rel = 1e-6 if key in VAR_KEYS else 1e-9
                     assert _close(d[name][key], s[name][key], rel), (w, name, key, d[name][key], s[name][key])
             assert d[name]["grad_param_steps"] == d[name]["steps"]  # steps, not (rank, step) pairs

@@ -56,7 +56,7 @@ def test_monitor_stats_matches_float64_numpy_with_nonfinite_values_and_row_sampl
     ys = yn[rows]
     fin = ys[np.isfinite(ys)]
     expected = [len(good), sum(float(mean[r]) for r in good), sum(float(var[r]) for r in good),
-                sum(var[r] < 1e-4 for r in good), 1, 1, 1, 1, fin.size, fin.sum(), (fin ** 2).sum()]
+                sum(var[r] < 1e-4 for r in good), 1, 1, 1, 1, fin.size, fin.mean(), ((fin - fin.mean()) ** 2).sum()]
     np.testing.assert_allclose(sums.numpy(), expected, rtol=1e-12)
     assert sums[3] == 1 and sums[0] == 3  # the constant row is eps-dominated; the NaN row is not valid
     np.testing.assert_allclose(maxima[:4].numpy(), [max(mean.values()), max(var.values()), -min(mean.values()),
@@ -87,7 +87,10 @@ def test_monitor_stats_accumulates_in_place_deterministically_and_keeps_the_smal
         assert torch.equal(u, v)  # bitwise reproducible
     one = _buffers()
     _call(x, y, one)
-    assert torch.allclose(a[0], 2 * one[0], rtol=1e-12) and torch.equal(a[2], 2 * one[2])
+    # Sums double; the output (count, mean, M2) merges: twice the count and M2, the same mean.
+    twice = 2 * one[0]
+    twice[L.S_OUT_MEAN] = one[0][L.S_OUT_MEAN]
+    assert torch.allclose(a[0], twice, rtol=1e-12) and torch.equal(a[2], 2 * one[2])
     assert torch.equal(a[1][:4], one[1][:4])  # maxima are maxima, not sums
     assert a[1][4:6].tolist() == [-math.inf, -math.inf]  # no non-finite value: no key
     x[3, 3] = float("nan")

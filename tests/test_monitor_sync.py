@@ -247,7 +247,7 @@ def test_a_flush_reads_one_packed_buffer_per_device():
     assert reads.events == []
 
 
-@pytest.mark.parametrize("entry", ["_observe", "_on_input_grad", "_on_param_grad", "_fold_grads"])
+@pytest.mark.parametrize("entry", ["_observe", "_on_input_grad", "_read_param_grads", "_fold_grads"])
 def test_the_detector_sees_a_host_read_planted_in_any_monitor_code_path(entry, monkeypatch):
     original = getattr(Monitor, entry)
 

@@ -3,7 +3,9 @@
 Every monitored layer owns one row of a float64 buffer per device (``(num_layers, width)``). The row
 has four blocks:
 
-* **sums**, updated with one in-place ``add_`` per call (counts are exact in float64 up to 2**53);
+* **sums**, updated with one in-place ``add_`` per call (counts are exact in float64 up to 2**53),
+  except the output moments, a ``(count, mean, M2)`` triple merged per call with Chan et al.'s
+  parallel formula (:func:`chan_merge`; never ``E[y^2] - E[y]^2``);
 * **maxima**, updated with one ``torch.maximum`` per call; minima are stored negated, and so are
   the "first event" keys (``-(step * 2**21 + 2 * order + is_output)``), so that the smallest key wins;
 * the log-spaced histogram of per-row variance (``var_bins`` bins plus underflow, overflow and a
@@ -31,9 +33,9 @@ S_NAN_IN = 4  # NaN elements in the input (all rows)
 S_INF_IN = 5
 S_NAN_OUT = 6
 S_INF_OUT = 7
-S_OUT_N = 8  # finite output elements in sampled rows
-S_OUT_SUM = 9
-S_OUT_SQ = 10
+S_OUT_N = 8  # finite output elements in sampled rows           } a (count, mean, M2) triple, merged with
+S_OUT_MEAN = 9  # their mean                                      } chan_merge (per call, across windows,
+S_OUT_M2 = 10  # their sum of squared deviations from the mean  } devices and ranks), never added
 N_CALL_SUMS = 11  # the sums a forward call updates, contiguous from 0
 S_GIN_SUM = 11  # sum over steps of the input-gradient norm     } folded by step(), as pairs
 S_GP_SUM = 12  # sum over steps of the parameter-gradient norm  }
@@ -108,6 +110,20 @@ class Layout:
                           torch.zeros(self.width - HIST0, dtype=f64, device=device)])
 
 
+def chan_merge(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, float]:
+    """Two ``(count, mean, M2)`` triples (M2: the sum of squared deviations from the mean) merged into
+    one, by Chan et al.'s parallel formula: exact where ``E[x^2] - E[x]^2`` cancels catastrophically."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    if not n_b > 0:
+        return float(n_a), float(mean_a), float(m2_a)
+    if not n_a > 0:
+        return float(n_b), float(mean_b), float(m2_b)
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
 def quantile(counts: Sequence[float], edges: Sequence[float], q: float, vmin: float, vmax: float) -> float:
     """Quantile ``q`` of a histogram ``[under, bins..., over]`` with bin ``edges``, clamped to [vmin, vmax].
 
@@ -163,7 +179,9 @@ class WindowRaw:
 
     def merge(self, other: "WindowRaw") -> None:
         """Add ``other`` (a later window, or the same window on another device) into this one."""
+        out = chan_merge(self.sums[S_OUT_N:S_OUT_M2 + 1], other.sums[S_OUT_N:S_OUT_M2 + 1])
         self.sums = [a + b for a, b in zip(self.sums, other.sums)]
+        self.sums[S_OUT_N:S_OUT_M2 + 1] = out
         self.maxima = [_nanmax(a, b) for a, b in zip(self.maxima, other.maxima)]
         self.var_hist = [a + b for a, b in zip(self.var_hist, other.var_hist)]
         self.in_hist = [a + b for a, b in zip(self.in_hist, other.in_hist)]
@@ -194,8 +212,8 @@ class WindowRaw:
         s = self.sums
         valid = s[S_VALID_ROWS]
         out_n = s[S_OUT_N]
-        out_mean = s[S_OUT_SUM] / out_n if out_n else math.nan
-        out_var = s[S_OUT_SQ] / out_n - out_mean * out_mean if out_n else math.nan
+        out_mean = s[S_OUT_MEAN] if out_n else math.nan
+        out_var = s[S_OUT_M2] / out_n if out_n else math.nan
         var_min, var_max = -self._max(M_ROW_VAR_NEGMIN), self._max(M_ROW_VAR_MAX)
         vh = self.var_hist[:VAR_BINS + 2]  # without the NaN slot
         edges = var_edges()

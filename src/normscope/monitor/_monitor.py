@@ -119,7 +119,11 @@ class _Counters:
 
 
 class _GradTap(torch.autograd.Function):
-    """Identity whose backward hands the gradient w.r.t. one layer's input to the monitor."""
+    """Identity whose backward hands the gradient w.r.t. one layer's input to the monitor.
+
+    (A gradient hook on a view of the input is cheaper in forward in isolation, but gave no gain
+    measurable above the noise on the CPU benchmark: not kept.)
+    """
 
     @staticmethod
     def forward(ctx, x, monitor, index):
@@ -181,7 +185,7 @@ class Monitor:
         every: sample one step in ``every`` (steps 0, every, 2 * every, ...). Hooks on other steps
             return at once. Statistics, gradient norms and NaN/Inf checks cover sampled steps only,
             so a non-finite value is reported at the first sampled step that sees it; ``every=1``
-            checks every step (about +15% step time on the reference CPU benchmark, 9 LayerNorms;
+            checks every step (about +8% step time on the reference CPU benchmark, 9 LayerNorms;
             see docs/monitor.md, "Costs"). Default: 10 (about +1.5% there).
         sinks: where records go on each flush: a :class:`~normscope.monitor.Sink` or a sequence of
             them (e.g. ``JSONLSink("run.jsonl")``). Default: None (records kept in memory only).
@@ -195,7 +199,9 @@ class Monitor:
             overflow bin). Default: 64.
         hist_range: ``(low, high)`` of the input-value histogram. Default: (-8.0, 8.0).
         hist_max_elements: at most this many input values per call enter the histogram (whole
-            rows, evenly spaced among the sampled rows; at least one row). Default: 2**20.
+            rows, evenly spaced among the sampled rows, the first one included; at least one row).
+            The histogram is a distribution estimate: counting every value cost about half of the
+            fused CPU kernel's time (see docs/monitor.md, "What is measured"). Default: 8192.
         flush_every: flush automatically every this many steps in :meth:`step`; None to flush only
             when asked (:meth:`flush`, :meth:`findings`, :meth:`snapshot`, :meth:`close`).
             Default: 100.
@@ -250,7 +256,7 @@ class Monitor:
         eps_factor: float = 10.0,
         hist_bins: int = 64,
         hist_range: Tuple[float, float] = (-8.0, 8.0),
-        hist_max_elements: int = 2**20,
+        hist_max_elements: int = 8192,
         flush_every: Optional[int] = 100,
         grads: bool = True,
         thresholds: Optional[Thresholds] = None,
@@ -359,6 +365,9 @@ class Monitor:
         # the shard-local sums that flush all-reduces (see _param_partials); the same on every rank.
         self._param_shift: Dict[Tuple[int, str], float] = {}
         self._deferred: List[Tuple[int, int, torch.Tensor]] = []  # parameter gradients read again after backward
+        # Parameter gradients of this backward pass, read together when it ends (_read_param_grads).
+        self._param_pending: List[Tuple[int, int, torch.Tensor]] = []
+        self._param_index: Dict[Tuple[Tuple[int, int], ...], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._replaced_warned = False
 
         self._handles = []
@@ -430,6 +439,7 @@ class Monitor:
 
     def _fold_pending(self) -> None:
         self._deferred = []  # left over only by a backward pass that raised
+        self._param_pending = []
         keep = self._sampling and self._grads  # the per-step gradient history (see flush)
         for st in self._states.values():
             if st.grad_touched:
@@ -773,10 +783,20 @@ class Monitor:
         grad = param.grad
         if grad is None:
             return
-        if _dist_initialized():
-            if not _is_dtensor(param):
-                self._defer_param_grad(index, col, param)
-            grad = self._grad_part(grad)
+        if not _dist_initialized():
+            # Read when the backward pass ends, all parameters of a device at once (_read_param_grads):
+            # one fused norm instead of a call per parameter; the accumulated gradient, as the hook sees it.
+            if not self._param_pending:
+                try:
+                    _queue_callback(self._read_param_grads)
+                except RuntimeError:  # not inside a backward pass: measure it now
+                    self._on_param_grad(index, col, grad)
+                    return
+            self._param_pending.append((index, col, param))
+            return
+        if not _is_dtensor(param):
+            self._defer_param_grad(index, col, param)
+        grad = self._grad_part(grad)
         self._on_param_grad(index, col, grad)
 
     def _grad_part(self, grad: torch.Tensor) -> torch.Tensor:
@@ -803,6 +823,40 @@ class Monitor:
         # Queued by the first gradient hook of the pass, this runs before the callbacks that DDP queues
         # later in the pass (its reduction ends in one); queued again from here, the read runs after them.
         _queue_callback(self._read_deferred)
+
+    @torch.no_grad()
+    def _read_param_grads(self) -> None:
+        """At the end of a backward pass: |grad|^2 of the parameters whose gradient accumulated in it, per
+        device one ``torch._foreach_norm`` (float64) and one ``index_copy_`` into the slots on the CPU."""
+        pending, self._param_pending = self._param_pending, []
+        if self._closed:
+            return
+        latest: Dict[Tuple[int, int], torch.Tensor] = {}
+        for index, col, param in pending:  # a parameter seen twice (shared): its last reading, as before
+            grad = param.grad
+            if grad is not None:
+                latest[(index, col)] = grad
+        cpu: List[Tuple[int, int]] = []
+        for (index, col), grad in latest.items():
+            if grad.device.type == "cpu" and not grad.is_sparse and not _triton_for(grad):
+                cpu.append((index, col))
+            else:  # other devices (and NORMSCOPE_MONITOR_KERNEL=triton): one kernel per gradient
+                self._on_param_grad(index, col, grad)
+        if not cpu:
+            return
+        key = tuple(cpu)
+        idx = self._param_index.get(key)
+        if idx is None:
+            idx = self._param_index[key] = (torch.tensor([3 * i + c for i, c in cpu]),
+                                            torch.tensor(sorted({2 * i + 1 for i, _ in cpu})))
+        st = self._state(torch.device("cpu"))
+        norms = torch._foreach_norm([latest[k] for k in cpu], 2, dtype=_F64)
+        st.slots.view(-1).index_copy_(0, idx[0], torch.stack(norms).square_())
+        st.fired.view(-1).index_fill_(0, idx[1], 1.0)
+        st.grad_touched = st.dirty = True
+        for index, _ in cpu:
+            self._grad_layers_step.add(index)
+            self._counters[index].grad_events += 1
 
     @torch.no_grad()
     def _read_deferred(self) -> None:
@@ -963,16 +1017,25 @@ class Monitor:
         n_eps = (var < self._eps_factor * effective_eps(layer, x.dtype)).sum(dtype=_F64)
         nan_in, inf_in = torch.isnan(x).sum(dtype=_F64), torch.isinf(x).sum(dtype=_F64)
         nan_out, inf_out = torch.isnan(y).sum(dtype=_F64), torch.isinf(y).sum(dtype=_F64)
-        ys = ys.to(acc)
-        y0 = torch.nan_to_num(ys, nan=0.0, posinf=0.0, neginf=0.0)
-        bad_out = nan_out + inf_out if n_s == n_rows else (y0 != ys).sum(dtype=_F64)  # NaN != 0, Inf != 0
+        ys = ys.to(_F64)  # output moments: two passes in float64 (deviations from a large mean stay exact)
+        fin = torch.isfinite(ys)
+        bad_out = nan_out + inf_out if n_s == n_rows else (~fin).sum(dtype=_F64)
         flags = torch.stack([nan_in + inf_in, bad_out, n_eps])
-        sums_v.add_(torch.cat([
+        sums_v[:L.S_OUT_N].add_(torch.cat([
             good.sum(dtype=_F64).reshape(1),
             torch.where(good, mv, 0.0).sum(1, dtype=_F64),
-            torch.stack([n_eps, nan_in, inf_in, nan_out, inf_out, ys.numel() - bad_out]),
-            torch.stack([y0.sum(dtype=_F64), y0.square().sum(dtype=_F64)]),
+            torch.stack([n_eps, nan_in, inf_in, nan_out, inf_out]),
         ]))
+        # The call's (count, mean, M2) of the finite outputs, merged into the window's (Chan et al.).
+        n_c = ys.numel() - bad_out
+        mean_c = torch.where(fin, ys, 0.0).sum() / n_c.clamp(min=1.0)
+        m2_c = torch.where(fin, ys - mean_c, 0.0).square().sum()
+        out_v = sums_v[L.S_OUT_N:L.S_OUT_M2 + 1]
+        n_a, mean_a = out_v[0], out_v[1]
+        n_t = n_a + n_c
+        w = n_c / n_t.clamp(min=1.0)
+        delta = mean_c - mean_a
+        out_v.copy_(torch.stack([n_t, mean_a + delta * w, out_v[2] + m2_c + delta.square() * (n_a * w)]))
         # Maxima: [max row mean, max row var, -min row mean, -min row var, -key(input non-finite),
         # -key(output non-finite), -first eps step]; a key counts only where its event happened.
         neg_keys = st.key_step * self._step + (st.key_order * order + st.key_const)
@@ -1211,7 +1274,9 @@ class Monitor:
                 if buf is None:
                     buf = b
                 else:
+                    out = _chan_merge_rows(buf[:, L.S_OUT_N:L.S_OUT_M2 + 1], b[:, L.S_OUT_N:L.S_OUT_M2 + 1])
                     buf[:, :NS] += b[:, :NS]
+                    buf[:, L.S_OUT_N:L.S_OUT_M2 + 1] = out
                     buf[:, H0:] += b[:, H0:]
                     buf[:, NS:H0] = torch.maximum(buf[:, NS:H0], b[:, NS:H0])
                 if st.gin_hist:
@@ -1234,8 +1299,17 @@ class Monitor:
                     psums.append(ps.to(dev))
                     pmaxs.append(pm.to(dev))
             P = len(pkeys)
+            # The output moments (count, mean, M2) of each layer cannot be added over the ranks (sums of
+            # squares about zero would cancel catastrophically for a large mean): the SUM gathers them
+            # instead, each rank filling its own row of a (world, layers, 3) block with zeros elsewhere
+            # (adding zeros is exact), and the host merges the ranks' triples in rank order (Chan et al.).
+            # Exact to double precision and deterministic, for 24 bytes per layer and rank, in the same
+            # all_reduce; a shifted-sums form would need a common shift and still lose digits.
+            rank = dist.get_rank(group)
+            out_g = torch.zeros(world, n, 3, dtype=_F64, device=dev)
+            out_g[rank] = buf[:, L.S_OUT_N:L.S_OUT_M2 + 1]
             sum_v = torch.cat([buf[:, :NS].reshape(-1), buf[:, H0:].reshape(-1), hist.reshape(-1), csum.reshape(-1)]
-                              + psums)
+                              + psums + [out_g.reshape(-1)])
             max_v = torch.cat([buf[:, NS:H0].reshape(-1), cmax.reshape(-1)] + pmaxs)
             dist.all_reduce(sum_v, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(max_v, op=dist.ReduceOp.MAX, group=group)
@@ -1258,6 +1332,7 @@ class Monitor:
         o = o2
         csum, o = host[o:o + 5 * n], o + 5 * n
         psum, o = host[o:o + 7 * P], o + 7 * P
+        out_g, o = host[o:o + 3 * n * world], o + 3 * n * world
         maxima, o = host[o:o + n * nm], o + n * nm
         cmax, o = host[o:o + 3 * n], o + 3 * n
         pmax, o = host[o:o + 3 * P], o + 3 * P
@@ -1269,6 +1344,10 @@ class Monitor:
             if not (calls or skipped or grad_events):
                 continue
             s, m, h = sums[i * NS:(i + 1) * NS], maxima[i * nm:(i + 1) * nm], hists[i * hw:(i + 1) * hw]
+            out = (0.0, 0.0, 0.0)
+            for r in range(world):
+                out = L.chan_merge(out, out_g[3 * (r * n + i):3 * (r * n + i) + 3])
+            s[L.S_OUT_N:L.S_OUT_M2 + 1] = out
             w = win[8 * i:8 * i + 8]  # [sum, steps, max, -min] x [input, params]
             s[L.S_GIN_SUM], s[L.S_GP_SUM], s[L.S_GIN_N], s[L.S_GP_N] = w[0:4]
             m[L.M_GIN_MAX - NS], m[L.M_GP_MAX - NS], m[L.M_GIN_NEGMIN - NS], m[L.M_GP_NEGMIN - NS] = w[4:8]
@@ -1418,6 +1497,15 @@ def _series(steps: Sequence[int], hist: Sequence[float], n: int, i: int, world: 
     return out
 
 
+def _chan_merge_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of ``(count, mean, M2)`` triples merged pairwise (Chan et al.), as device operations."""
+    n_a, n_b = a[:, 0], b[:, 0]
+    n = n_a + n_b
+    w = n_b / n.clamp(min=1.0)
+    delta = b[:, 1] - a[:, 1]
+    return torch.stack([n, a[:, 1] + delta * w, a[:, 2] + b[:, 2] + delta.square() * (n_a * w)], 1)
+
+
 def _merged(a: L.WindowRaw, b: L.WindowRaw) -> L.WindowRaw:
     a.merge(b)
     return a
@@ -1511,11 +1599,12 @@ def _is_real(v) -> bool:
 
 
 def save_snapshot(snapshot: dict, path: Union[str, "os.PathLike[str]"]) -> None:
-    """Write a :meth:`Monitor.snapshot` to ``path`` as JSON."""
+    """Write a :meth:`Monitor.snapshot` to ``path`` as JSON (atomically; see :mod:`normscope._paths`)."""
+    from normscope._paths import write_output
+
     if not isinstance(snapshot, dict) or snapshot.get("format") != SNAPSHOT_FORMAT:
         raise TypeError(f"Expected a Monitor.snapshot() dict, but got {type(snapshot).__name__}")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(snapshot, f)
+    write_output(path, json.dumps(snapshot))
 
 
 def load_snapshot(path: Union[str, "os.PathLike[str]"]) -> dict:

@@ -10,12 +10,15 @@ no data-dependent Python branch; every grid depends on shapes only) and determin
   Sampled rows (``start, start + stride, ...``): the row mean and the variance (mean square for
   RMS norms) by two passes in float64 (rounded to float32 for non-float64 inputs, as the C++ and
   torch paths keep them; never ``E[x^2] - E[x]^2``), the eps-dominated flag, the variance bin
-  (``bucketize(var, edges, right=True)`` by binary search), and the output's finite count, sum and
-  sum of squares in float64. Every ``hist_row_step``-th sampled row enters the input histogram
-  (``floor((v - lo) * scale + 1)`` clamped to the under/overflow bins, in float32, or float64 for
-  float64 inputs, NaN in the last slot). The program's reductions over its rows are written to its
-  row of a float64 scratch tensor; ``_finish_kernel`` (one program) reduces the scratch in a fixed
-  order and updates the sums, the maxima and the first-event keys. Histograms are counted with
+  (``bucketize(var, edges, right=True)`` by binary search), and the output's finite count, mean and
+  centred sum of squares (M2) in float64, by two passes per row (never ``E[y^2] - E[y]^2``).
+  Every ``hist_row_step``-th sampled row enters the input histogram (``floor((v - lo) * scale + 1)``
+  clamped to the under/overflow bins, in float32, or float64 for float64 inputs, NaN in the last
+  slot). The program's reductions over its rows are written to its row of a float64 scratch tensor;
+  ``_finish_kernel`` (one program) reduces the scratch in a fixed order and updates the sums, the
+  maxima and the first-event keys; the output triples of the rows, of the programs and of the call
+  are combined with the parallel formula of Chan et al. (``M2 = sum M2_p + sum n_p (mean_p -
+  mean)^2``, then one pairwise merge into the accumulated triple). Histograms are counted with
   atomic adds of whole numbers (exact in float64, so the order does not matter); the input histogram
   is first counted per program with ``tl.histogram``.
 * :func:`monitor_grad`: the squared norm of a gradient in float64 (per-program partials reduced in
@@ -134,7 +137,6 @@ def _stats_kernel(
         iy += tl.sum(y_inf.to(tl.int32), axis=1)
         y0 = tl.where(y_nan | y_inf, 0.0, y)
         sy += tl.sum(y0, axis=1)
-        qy += tl.sum(y0 * y0, axis=1)
         if any_hist:
             hm = hrow[:, None] & cm[None, :]
             if X64:
@@ -162,14 +164,24 @@ def _stats_kernel(
     else:
         centre = mean
 
-    # Pass 2 (sampled rows): the centred (RMS: raw) sum of squares.
+    bad_y = ny + iy
+    y_n = (cols - bad_y).to(tl.float64)  # finite outputs of each row
+    y_mean = sy / tl.maximum(y_n, 1.0)
+
+    # Pass 2 (sampled rows): the centred (RMS: raw) sum of squares of the input, the centred one of the
+    # finite outputs.
     sq = tl.zeros([ROWS], dtype=tl.float64)
+    qy = tl.zeros([ROWS], dtype=tl.float64)
     for c0 in range(0, cols, BLOCK_N):
         c = c0 + cbase
         m = sampled[:, None] & (c < cols)[None, :]
-        x = tl.load(xrow + c.to(tl.int64)[None, :] * sxc, mask=m, other=0.0).to(tl.float64)
+        c64 = c.to(tl.int64)
+        x = tl.load(xrow + c64[None, :] * sxc, mask=m, other=0.0).to(tl.float64)
         d = x - centre[:, None]
         sq += tl.sum(tl.where(m, d * d, 0.0), axis=1)
+        y = tl.load(yrow + c64[None, :] * syc, mask=m, other=0.0).to(tl.float64)
+        dy = y - y_mean[:, None]
+        qy += tl.sum(tl.where(m & (y == y) & (y != inf) & (y != -inf), dy * dy, 0.0), axis=1)
     var = sq / nf
     if X64:
         mean_r = mean
@@ -195,8 +207,12 @@ def _stats_kernel(
     vbin = tl.where(valid, a, n_edges + 1)
     tl.atomic_add(VH + vbin, tl.full([ROWS], 1.0, tl.float64), mask=sampled)
 
-    bad_y = ny + iy
     zero = tl.zeros([ROWS], dtype=tl.float64)
+    # The program's output triple: count, sum (its mean times its count) and M2 about its mean.
+    p_n = tl.sum(tl.where(sampled, y_n, zero), axis=0)
+    p_sum = tl.sum(tl.where(sampled, sy, zero), axis=0)
+    p_dev = y_mean - p_sum / tl.maximum(p_n, 1.0)
+    p_m2 = tl.sum(tl.where(sampled, qy + y_n * p_dev * p_dev, zero), axis=0)
     base = PART + pid * NF
     tl.store(base + 0, tl.sum(tl.where(valid, 1.0, zero), axis=0))
     tl.store(base + 1, tl.sum(tl.where(valid, mean_r, zero), axis=0))
@@ -206,9 +222,9 @@ def _stats_kernel(
     tl.store(base + 5, tl.sum(ix.to(tl.float64), axis=0))
     tl.store(base + 6, tl.sum(ny.to(tl.float64), axis=0))
     tl.store(base + 7, tl.sum(iy.to(tl.float64), axis=0))
-    tl.store(base + 8, tl.sum(tl.where(sampled, (cols - bad_y).to(tl.float64), zero), axis=0))
-    tl.store(base + 9, tl.sum(tl.where(sampled, sy, zero), axis=0))
-    tl.store(base + 10, tl.sum(tl.where(sampled, qy, zero), axis=0))
+    tl.store(base + 8, p_n)
+    tl.store(base + 9, p_sum)
+    tl.store(base + 10, p_m2)
     tl.store(base + 11, tl.max(tl.where(valid, mean_r, -inf), axis=0))
     tl.store(base + 12, tl.max(tl.where(valid, var, -inf), axis=0))
     tl.store(base + 13, tl.max(tl.where(valid, -mean_r, -inf), axis=0))
@@ -240,8 +256,29 @@ def _finish_kernel(
         hi = tl.maximum(hi, tl.where(pm, t, -inf))
     s = tl.sum(acc, axis=0)
     mx = tl.max(hi, axis=0)
-    sm = f < 11
+    sm = f < 8
     tl.store(SUMS + f, tl.load(SUMS + f, mask=sm, other=0.0) + s, mask=sm)
+    # Output moments: the call's (count, mean, M2) from the programs' (second pass over the scratch),
+    # then merged into the accumulated triple (Chan et al.).
+    n_c = tl.sum(tl.where(f == 8, s, 0.0), axis=0)
+    mean_c = tl.sum(tl.where(f == 9, s, 0.0), axis=0) / tl.maximum(n_c, 1.0)
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float64)
+    for p0 in range(0, n_part, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < n_part
+        row = PART + p.to(tl.int64) * NF
+        pn = tl.load(row + 8, mask=pm, other=0.0)
+        dp = tl.load(row + 9, mask=pm, other=0.0) / tl.maximum(pn, 1.0) - mean_c
+        m2 += tl.where(pn > 0, tl.load(row + 10, mask=pm, other=0.0) + pn * dp * dp, 0.0)
+    m2_c = tl.sum(m2, axis=0)
+    n_a = tl.load(SUMS + 8)
+    mean_a = tl.load(SUMS + 9)
+    n_t = n_a + n_c
+    w = n_c / tl.maximum(n_t, 1.0)
+    delta = mean_c - mean_a
+    tl.store(SUMS + 8, n_t)
+    tl.store(SUMS + 9, mean_a + delta * w)
+    tl.store(SUMS + 10, tl.load(SUMS + 10) + m2_c + delta * delta * (n_a * w))
     mm = (f >= 11) & (f < 15)
     mo = tl.where(mm, f - 11, 0)
     old = tl.load(MX + mo, mask=mm, other=-inf)
@@ -373,9 +410,9 @@ def monitor_stats(
     The Triton form of :func:`normscope.ops.cpu_backend.monitor_stats`, with the same arguments and
     fields: ``x`` (a norm layer's input) and ``y`` (its output) are 2-D ``(rows, cols)`` tensors of
     the same shape (any strides) of dtype float32, float64, bfloat16 or float16 (each its own), on
-    the device of the accumulators; ``sums`` (11), ``maxima`` (7), ``var_hist``
-    (``len(var_edges) + 2``), ``in_hist`` (``hist_bins + 3``) and ``var_edges`` are 1-D float64
-    tensors (views of the monitor's buffer). Nothing is read back to the host.
+    the device of the accumulators; ``sums`` (11; the last three a (count, mean, M2) triple),
+    ``maxima`` (7), ``var_hist`` (``len(var_edges) + 2``), ``in_hist`` (``hist_bins + 3``) and
+    ``var_edges`` are 1-D float64 tensors (views of the monitor's buffer). Nothing is read back to the host.
     """
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:

@@ -53,7 +53,8 @@ class JSONLSink(Sink):
     as the tokens ``NaN`` / ``Infinity`` that Python's ``json`` (and :func:`load`) read back.
 
     Args:
-        path: the file to write.
+        path: the file to write: a regular file (a symbolic link writes its target), a FIFO, a device or
+            ``-`` (standard output).
         append: append to an existing file instead of truncating it. Default: False.
     """
 
@@ -66,7 +67,10 @@ class JSONLSink(Sink):
 
     def write(self, records: Sequence[dict]) -> None:
         if self._file is None:
-            self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
+            from normscope._paths import open_stream
+
+            # through symbolic links (appended to / truncated at the target), FIFOs and devices directly
+            self._file = open_stream(self.path, append=self.append)
         self._file.write("".join(json.dumps(r) + "\n" for r in records))
         self._file.flush()
 
