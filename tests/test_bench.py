@@ -146,6 +146,9 @@ def test_cuda_without_cuda_is_a_usage_error():
 def test_defaults():
     cfg = bench.BenchConfig(device="cpu").resolved()
     assert cfg.shapes == bench.CPU_SHAPES and cfg.modes == ("forward", "full")
+    # short rows (per-row costs) next to the long ones, each of 2**23 elements or more
+    assert {n for _, n in cfg.shapes} >= {8, 64, 256, 1024, 4096}
+    assert all(m * n >= 1 << 23 for m, n in cfg.shapes)
     assert cfg.dtypes == ("fp32", "bf16") and cfg.ops == bench.OPS and cfg.providers == bench.PROVIDERS
     quick = bench.BenchConfig(device="cpu", quick=True).resolved()
     assert quick.reps < cfg.reps and quick.shapes[0][0] * quick.shapes[0][1] < 8192 * 1024

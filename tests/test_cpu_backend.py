@@ -394,6 +394,87 @@ def test_streaming_and_prefetch_do_not_change_results(dtype, n, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# Small rows (N <= 256: a straight-line path for plain float32 / bfloat16 rows)
+# --------------------------------------------------------------------------------------------
+
+SMALL_NS = [1, 2, 3, 4, 7, 8, 16, 31, 32, 33, 64, 100, 128, 255, 256]
+
+
+@pytest.mark.parametrize("n", SMALL_NS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("affine", ["none", "weight", "weight_bias"])
+def test_small_rows_match_reference(n, dtype, rms, affine):
+    # 37 rows: two full groups of 16 rows and a partial one; dw / db over several 8-row chunks.
+    x, residual, mask, weight, bias = _inputs(37, n, dtype, "plain", affine, rms, seed=n)
+    _run_both(x, residual, mask, weight, bias, rms)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 33, 256])
+@pytest.mark.parametrize("kind", ["residual", "masked"])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_small_rows_fused_add_and_masked(n, kind, rms, dtype):
+    x, residual, mask, weight, bias = _inputs(37, n, dtype, kind, "weight_bias", rms, seed=n)
+    if mask is not None and n > 1:
+        # At least two valid elements per row (row 0 keeps none): with a single one, dx is 0 up to
+        # float32 rounding amplified by rstd = eps**-0.5, beyond the absolute tolerance.
+        mask[2:, :2] = True
+    _run_both(x, residual, mask, weight, bias, rms)
+
+
+@pytest.mark.parametrize("n", SMALL_NS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("affine", ["none", "weight_bias"])
+def test_small_rows_bitwise_equal_to_the_general_path(n, dtype, rms, affine, threads, monkeypatch):
+    # Enough rows for two threads and 64 dw / db chunks; the small-row path must give bitwise the
+    # results of the general row loops (which the other tests hold to the reference).
+    m = max(37, (1 << 15) // n + 5)
+    x, _, _, weight, bias = _inputs(m, n, dtype, "plain", affine, rms, seed=n)
+    x[3, 0] = 0.0  # a row starting with 0 (shift 0), and a constant row
+    x[5] = 1.5
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(7)).to(dtype)
+    torch.set_num_threads(2)
+    assert cb._SMALL_ROWS and cb._flags(1) & 4 == 0
+    small = _fwd_bwd(x, None, None, weight, bias, rms, dy, None)
+    monkeypatch.setattr(cb, "_SMALL_ROWS", False)
+    assert cb._flags(1) & 4 == 4
+    _assert_all_equal(small, _fwd_bwd(x, None, None, weight, bias, rms, dy, None))
+
+
+@pytest.mark.parametrize("n", [8, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_small_rows_deterministic_and_thread_independent(n, dtype, rms, threads):
+    m = 5000 if n == 8 else 700  # above the parallel threshold
+    x, _, _, weight, bias = _inputs(m, n, dtype, "plain", "weight_bias", rms)
+    dy = torch.randn(m, n).to(dtype)
+    args = (x, None, None, weight, bias, rms, dy, None)
+    torch.set_num_threads(2)
+    first = _fwd_bwd(*args)
+    _assert_all_equal(first, _fwd_bwd(*args))
+    for t in (1, 3):
+        torch.set_num_threads(t)
+        _assert_all_equal(first, _fwd_bwd(*args))
+
+
+def test_small_rows_non_finite_values_stay_in_their_row():
+    # Masked lanes of a row's last lane group re-read its last element: an Inf there must not
+    # turn the row's sums (or its neighbours') into NaN beyond what the reference gives.
+    x = torch.randn(20, 7)
+    x[4, 6] = float("inf")
+    x[9, 6] = float("nan")
+    y, _, mean, rstd = cb.norm_fwd(x, None, None, None, None, EPS, False)
+    y_r, _, mean_r, rstd_r = ref.norm_fwd(x, None, None, None, None, EPS, False)
+    finite = torch.ones(20, dtype=torch.bool)
+    finite[[4, 9]] = False
+    assert_close(y[finite], y_r[finite], **TOL[torch.float32])
+    assert torch.equal(mean.isnan(), mean_r.isnan()) and torch.equal(rstd.isnan(), rstd_r.isnan())
+    assert torch.isfinite(y[finite]).all()
+
+
+# --------------------------------------------------------------------------------------------
 # Errors and availability
 # --------------------------------------------------------------------------------------------
 

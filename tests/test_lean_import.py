@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-HEAVY = ["triton", "onnx", "onnxruntime", "transformers", "prometheus_client", "tensorboard", "matplotlib",
-         "normscope.cli", "normscope.bench", "normscope.ops.triton_backend"]
+HEAVY = ["triton", "onnx", "onnxruntime", "transformers", "prometheus_client", "tensorboard", "matplotlib", "mlflow",
+         "normscope.cli", "normscope.bench", "normscope.ops.triton_backend", "torch.distributed.tensor"]
 
 
 def _run(code: str) -> str:

@@ -253,3 +253,23 @@ def test_offset_exports_to_onnx(tmp_path):
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
     report = export_onnx(model, x, tmp_path / "gemma.onnx", opset=18)
     assert report.ok and report.max_abs_diff < 1e-5, report
+
+
+# --------------------------------------------------------------------------------------------
+# default RMSNorm eps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_rms_default_eps_is_torchs(dtype):
+    # torch's rms_norm(eps=None) adds the epsilon of its accumulation dtype: float32's for 16-bit
+    # input, not torch.finfo(float16).eps. Rows of small values are where the two differ.
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)).to(dtype) * 1e-2
+    r = torch.randn(4, 16, generator=torch.Generator().manual_seed(1)).to(dtype) * 1e-2
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    expected = torch.nn.functional.rms_norm(x, (16,))
+    torch.testing.assert_close(normscope.rms_norm(x, 16), expected)
+    torch.testing.assert_close(normscope.nn.RMSNorm(16, dtype=dtype)(x), torch.nn.RMSNorm(16, dtype=dtype)(x))
+    torch.testing.assert_close(normscope.masked_rms_norm(x, mask, 16), expected)
+    h = x + r
+    torch.testing.assert_close(normscope.add_rms_norm(x, r, 16)[0], torch.nn.functional.rms_norm(h, (16,)))

@@ -4,7 +4,7 @@
 or transformers), and it does not initialise CUDA.
 """
 
-from normscope import checks, drift, nn  # noqa: F401
+from normscope import checks, drift, errors, nn  # noqa: F401
 from normscope.analysis import analyze, export_onnx, fold_norms_, quant_sensitivity
 from normscope.functional import (
     add_layer_norm,
@@ -46,5 +46,6 @@ __all__ = [
     "quant_sensitivity",
     "checks",
     "drift",
+    "errors",
     "__version__",
 ]

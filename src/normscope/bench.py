@@ -139,7 +139,8 @@ OP_FAMILIES: Dict[str, Tuple[str, ...]] = {
     "masked_norm": ("masked_layer_norm", "masked_rms_norm"),
 }
 
-CPU_SHAPES = ((8192, 1024), (4096, 4096))
+# Long rows, and short rows (2**23 elements each), where per-row costs dominate.
+CPU_SHAPES = ((8192, 1024), (4096, 4096), (1048576, 8), (131072, 64), (32768, 256))
 CUDA_SHAPES = ((16384, 1024), (16384, 4096), (16384, 8192), (16384, 16384), (16384, 65536), (4096, 262144))
 QUICK_SHAPES = {"cpu": ((1024, 1024),), "cuda": ((4096, 4096),)}
 _DEFAULT_REPS = {("cpu", False): 5, ("cpu", True): 3, ("cuda", False): 50, ("cuda", True): 10}
@@ -310,10 +311,14 @@ class BenchResult:
         return machine_line(self.machine)
 
     def to_csv(self, path: str) -> None:
+        """Write the rows as CSV to ``path`` (atomically; ``-``, FIFOs and devices directly)."""
+        from normscope._paths import open_output
+
         d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
+        if path != "-":
+            os.makedirs(d, exist_ok=True)
         names = [f.name for f in fields(Row)]
-        with open(path, "w", newline="") as f:
+        with open_output(path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=names)
             w.writeheader()
             for r in self.rows:

@@ -1,7 +1,9 @@
 """Public functional API: LayerNorm, RMSNorm, fused residual-add and masked variants.
 
-Every function validates its arguments (raising ``TypeError`` / ``ValueError`` in PyTorch's
-"Expected X, but got Y" form), flattens the input to ``(M, N)`` with ``N`` the product of
+Every function validates its arguments, raising the classes of :mod:`normscope.errors` (each a
+subclass of both the ``TypeError`` / ``ValueError`` normscope raises and the ``RuntimeError`` /
+``NotImplementedError`` torch raises for the same misuse) with torch's wording where torch has one,
+else in PyTorch's "Expected X, but got Y" form. It then flattens the input to ``(M, N)`` with ``N`` the product of
 ``normalized_shape``, and calls the ``normscope::norm_fwd`` custom op, which picks a backend per
 device (see :mod:`normscope.ops.dispatch`). Statistics are float32 (float64 for float64 input),
 two-pass, and saved in float32 for backward; outputs take the dtype of ``x``.
@@ -9,14 +11,18 @@ two-pass, and saved in float32 for backward; outputs take the dtype of ``x``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 import normscope.ops.core  # registers the normscope:: custom ops
+from normscope.errors import DeviceError, DtypeError, ShapeError
+from normscope.ops import _sharding
 
 __all__ = [
     "layer_norm",
@@ -29,6 +35,33 @@ __all__ = [
 
 Shape = Union[int, Sequence[int], torch.Size]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch's names of dtypes in "... not implemented for 'Long'" messages
+_TORCH_DTYPE_NAMES = {
+    torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
+    torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
+    torch.int64: "Long", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def _quiet_under_trace(check):
+    """Run ``check`` without ``TracerWarning``s under ``torch.jit.trace``: its shape comparisons
+    are decided for the traced shapes, which a traced module keeps (only the batch dims vary)."""
+
+    @functools.wraps(check)
+    def wrapper(*args):
+        if not torch.jit.is_tracing():
+            return check(*args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return check(*args)
+
+    return wrapper
+
+
+def _dtype_error(name: str, dtype: torch.dtype, allowed: str = "float16, bfloat16, float32 or float64") -> DtypeError:
+    torch_name = _TORCH_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    return DtypeError(f"Expected {name} of dtype {allowed}, but got {dtype} (not implemented for '{torch_name}')")
 
 
 def _normalized_shape(normalized_shape: Shape) -> Tuple[int, ...]:
@@ -44,44 +77,52 @@ def _normalized_shape(normalized_shape: Shape) -> Tuple[int, ...]:
                 "Expected normalized_shape to be an int or a sequence of ints, but got "
                 f"{type(normalized_shape).__name__}"
             ) from None
-    if len(shape) == 0 or any(s < 0 for s in shape):
-        raise ValueError(
-            f"Expected normalized_shape to be non-empty with non-negative sizes, but got {list(shape)}"
+    if len(shape) == 0:
+        raise ShapeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+            "element, but got normalized_shape = []"
         )
+    # a negative size never matches the input's, which _check_input reports in torch's words
     return shape
 
 
+def _device_error(name: str, t: Tensor, x: Tensor) -> DeviceError:
+    return DeviceError(
+        f"Expected all tensors to be on the same device, but got {name} on {t.device} and input on {x.device}"
+    )
+
+
+@_quiet_under_trace
 def _check_input(x: Tensor, shape: Tuple[int, ...], name: str = "input") -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"Expected {name} to be a torch.Tensor, but got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"Expected {name} of dtype float16, bfloat16, float32 or float64, but got {x.dtype}"
-        )
+        raise _dtype_error(name, x.dtype)
     k = len(shape)
     if x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
         dims = ", ".join(str(s) for s in shape)
-        raise ValueError(
+        # torch's message, word for word (no space before the size)
+        raise ShapeError(
             f"Given normalized_shape={list(shape)}, expected {name} with shape [*, {dims}], "
-            f"but got {name} of size {list(x.shape)}"
+            f"but got {name} of size{list(x.shape)}"
         )
 
 
+@_quiet_under_trace
 def _check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tensor) -> None:
     if p is None:
         return
     if not isinstance(p, Tensor):
         raise TypeError(f"Expected {name} to be a torch.Tensor or None, but got {type(p).__name__}")
     if p.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"Expected {name} of dtype float16, bfloat16, float32 or float64, but got {p.dtype}"
-        )
+        raise _dtype_error(name, p.dtype)
     if tuple(p.shape) != shape:
-        raise ValueError(f"Expected {name} of shape {list(shape)}, but got {list(p.shape)}")
-    if p.device != x.device:
-        raise ValueError(
-            f"Expected {name} on the input's device {x.device}, but got {name} on {p.device}"
+        raise ShapeError(
+            f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+            f"{list(p.shape)} and normalized_shape = {list(shape)}"
         )
+    if p.device != x.device:
+        raise _device_error(name, p, x)
 
 
 def _check_eps(eps) -> float:
@@ -94,43 +135,41 @@ def _check_eps(eps) -> float:
 
 
 def _rms_eps(eps, dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps if eps is None else _check_eps(eps)
+    # torch's default: the epsilon of the accumulation ("opmath") dtype, float32's for 16-bit input
+    return torch.finfo(normscope.ops.core.acc_dtype(dtype)).eps if eps is None else _check_eps(eps)
 
 
+@_quiet_under_trace
 def _check_residual(residual: Tensor, x: Tensor) -> None:
     if not isinstance(residual, Tensor):
         raise TypeError(f"Expected residual to be a torch.Tensor, but got {type(residual).__name__}")
     if residual.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            "Expected residual of dtype float16, bfloat16, float32 or float64, but got "
-            f"{residual.dtype}"
-        )
+        raise _dtype_error("residual", residual.dtype)
     if residual.shape != x.shape:
-        raise ValueError(
+        raise ShapeError(
             f"Expected residual of the input's size {list(x.shape)}, but got {list(residual.shape)}"
         )
     if residual.device != x.device:
-        raise ValueError(
-            f"Expected residual on the input's device {x.device}, but got residual on {residual.device}"
-        )
+        raise _device_error("residual", residual, x)
 
 
+@_quiet_under_trace
 def _check_mask(mask: Tensor, x: Tensor) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"Expected mask to be a torch.Tensor, but got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"Expected mask of dtype torch.bool, but got {mask.dtype}")
+        raise _dtype_error("mask", mask.dtype, "torch.bool")
     try:
         ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(
+        raise ShapeError(
             f"Expected mask broadcastable to the input's size {list(x.shape)}, but got mask of "
             f"size {list(mask.shape)}"
         )
     if mask.device != x.device:
-        raise ValueError(f"Expected mask on the input's device {x.device}, but got mask on {mask.device}")
+        raise _device_error("mask", mask, x)
 
 
 def _check_offset(offset) -> float:
@@ -206,6 +245,11 @@ def _run_transformed(x, residual, mask, weight, bias, shape, eps, rms, offset=0.
 
 
 def _run(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
+    if type(x) is not Tensor and _sharding.is_dtensor(x):
+        # DTensor: the ops on each rank's local rows (see normscope.ops._sharding).
+        return _sharding.run(
+            lambda *a: _run(*a, shape, eps, rms, offset), x, residual, mask, weight, bias, len(shape)
+        )
     n = math.prod(shape)
     if n == 0 or _transformed(x, residual, mask, weight, bias):
         return _run_transformed(x, residual, mask, weight, bias, shape, eps, rms, offset)
@@ -290,8 +334,9 @@ def rms_norm(
         x: input of shape ``(*, *normalized_shape)``.
         normalized_shape: int or sequence of ints.
         weight: :math:`\gamma` of shape ``normalized_shape``, or None. Default: None.
-        eps: added to the mean square. Default: None, meaning ``torch.finfo(x.dtype).eps`` as in
-            :func:`torch.nn.functional.rms_norm`.
+        eps: added to the mean square. Default: None, meaning the epsilon of the accumulation
+            dtype, ``torch.finfo(torch.float32).eps`` (float64's for float64 input), which is what
+            :func:`torch.nn.functional.rms_norm` adds (also for float16 / bfloat16 input).
         offset: keyword-only, as in :func:`layer_norm`: ``weight + offset`` formed in float32
             (Gemma: ``offset=1``). Default: 0.
 
@@ -308,6 +353,9 @@ def rms_norm(
     """
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)
+    if isinstance(weight, Tensor) and not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+        # an integer or bool weight: torch multiplies by it in float32 (float64 for float64 input)
+        weight = weight.to(normscope.ops.core.acc_dtype(x.dtype))
     _check_param(weight, "weight", shape, x)
     return _run(x, None, None, weight, None, shape, _rms_eps(eps, x.dtype), True, _check_offset(offset))
 
@@ -356,7 +404,8 @@ def add_rms_norm(
 ) -> Tuple[Tensor, Tensor]:
     r"""Fused residual add and RMSNorm: ``h = x + residual; y = rms_norm(h)`` in one pass.
 
-    ``eps=None`` means ``torch.finfo(h.dtype).eps`` (``h`` is the tensor normalized). Dtype rules as
+    ``eps=None`` means the epsilon of ``h``'s accumulation dtype (``h`` is the tensor normalized), as
+    in :func:`rms_norm`. Dtype rules as
     in :func:`add_layer_norm`.
 
     Returns:
@@ -420,7 +469,8 @@ def masked_rms_norm(
     r"""RMSNorm whose mean square covers only the elements where ``mask`` is True.
 
     Output is 0 where ``mask`` is False; a sample with no valid element gives 0. ``eps=None``
-    means ``torch.finfo(x.dtype).eps``. Arguments as in :func:`masked_layer_norm`.
+    means float32's epsilon (float64's for float64 input), as in :func:`rms_norm`. Arguments as in
+    :func:`masked_layer_norm`.
     """
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)

@@ -3,6 +3,11 @@
 :class:`LayerNorm` and :class:`RMSNorm` subclass ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` with
 the same constructor signature, parameters and state-dict keys; only ``forward`` changes, to call
 normscope's ops. :func:`convert` swaps them into an existing model in place.
+
+Both modules work with ``torch.jit.script``: the scripted ``forward`` calls the custom op
+``torch.ops.normscope.norm_fwd`` (with autograd) directly, which TorchScript supports; the Python
+``forward`` runs in eager mode and under ``torch.jit.trace``. A saved TorchScript module needs
+``import normscope`` in the loading process, which registers the op.
 """
 
 from __future__ import annotations
@@ -11,11 +16,75 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
+from torch import Tensor
 
 from normscope import functional as F
 from normscope.discovery import probe_rms_style
 
 __all__ = ["LayerNorm", "RMSNorm", "convert", "ConvertResult", "Replacement", "Skipped"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The TorchScript forward (compiled by torch.jit.script only; eager mode runs normscope.functional)
+# ---------------------------------------------------------------------------------------------
+
+
+def _script_rms_eps(dtype: torch.dtype) -> float:
+    # torch.finfo(acc_dtype(dtype)).eps (torch's default eps), which TorchScript cannot call
+    if dtype == torch.float64:
+        return 2.220446049250313e-16
+    return 1.1920928955078125e-07
+
+
+def _script_param_ok(p: Optional[Tensor], shape: List[int], x: Tensor) -> bool:
+    return p is None or (p.shape == shape and p.device == x.device and p.is_floating_point())
+
+
+def _script_norm(
+    x: Tensor,
+    shape: List[int],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: Optional[float],
+    rms: bool,
+    offset: float,
+) -> Tensor:
+    """The scripted modules' forward: ``normscope::norm_fwd`` on the 2-D view of ``x``.
+
+    Arguments that :mod:`normscope.functional` would reject go to torch's own op instead, which
+    raises torch's exception (a ``RuntimeError`` or ``NotImplementedError`` with torch's message:
+    an error raised in TorchScript code itself would reach Python as ``torch.jit.Error``) or, where
+    torch accepts them, computes what torch computes; empty rows go there too.
+    """
+    k = len(shape)
+    e = _script_rms_eps(x.dtype) if eps is None else eps
+    if e < 0.0 or e != e or e == float("inf"):
+        raise ValueError("Expected eps to be a finite number >= 0, but got " + str(e))
+    n = 1
+    for s in shape:
+        n *= s
+    ok = (
+        k > 0 and n > 0 and x.dim() >= k and x.shape[x.dim() - k:] == shape and x.is_floating_point()
+        and _script_param_ok(weight, shape, x) and _script_param_ok(bias, shape, x)
+    )
+    if weight is None:
+        offset = 0.0
+    if not ok:
+        if rms:
+            w = weight if weight is None or offset == 0.0 else weight + offset
+            return torch.nn.functional.rms_norm(x, shape, w, e)
+        return torch.nn.functional.layer_norm(x, shape, weight, bias, e)
+    w = None if weight is None else weight.reshape(n)
+    b = None if bias is None else bias.reshape(n)
+    y = torch.ops.normscope.norm_fwd(x.reshape(-1, n), None, None, w, b, e, rms, None, offset)[0]
+    y = y.view(x.shape)
+    if rms and not x.is_contiguous():
+        # as normscope.rms_norm: a channels-last input gives a channels-last output
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            y = y.contiguous(memory_format=torch.channels_last_3d)
+    return y
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -31,6 +100,8 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return _script_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, False, 0.0)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -50,6 +121,8 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight_offset = float(weight_offset)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return _script_norm(input, self.normalized_shape, self.weight, None, self.eps, True, self.weight_offset)
         # the offset is added in float32 inside the kernels (Gemma's ``weight.float() + 1``), not
         # in the weight's dtype, where bfloat16 would round it
         offset = getattr(self, "weight_offset", 0.0)
@@ -72,11 +145,17 @@ class Replacement:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A normalization-like module that :func:`convert` left alone, and why."""
+    """A normalization-like module that :func:`convert` (or :func:`normscope.fold_norms_`) left alone, and why:
+    its qualified ``name``, its class name ``module`` and the ``reason``."""
 
     name: str
     module: str
     reason: str
+
+    @property
+    def norm(self) -> str:
+        """The qualified name (``name``), as :class:`normscope.analysis.FoldResult` items used to call it."""
+        return self.name
 
 
 @dataclass
@@ -94,6 +173,9 @@ class ConvertResult:
 
 
 _SWAP = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
+# norms of other kinds (they have a weight and an eps, but nothing to swap in): skipped with that reason
+_NOT_CONVERTED = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm,
+                  torch.nn.modules.instancenorm._InstanceNorm)
 
 
 def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -157,6 +239,11 @@ def convert(
             if target is RMSNorm:
                 module.weight_offset = 0.0
             result.replaced.append(Replacement(name, cls.__name__, target.__name__))
+            continue
+        if isinstance(module, _NOT_CONVERTED):
+            result.skipped.append(Skipped(name, cls.__name__, (
+                f"a {cls.__name__} normalizes over the batch, groups or instances, not each vector's features; "
+                "convert replaces only LayerNorm / RMSNorm-style layers")))
             continue
         style, reason = probe_rms_style(module)
         if style is None:

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser, default_ops: str = "all") -> None:
     p.add_argument("--op", default=default_ops, metavar="OPS",
                    help=f"comma-separated ops, or all (default: {default_ops})")
     p.add_argument("--shapes", default=None, metavar="MxN,...",
-                   help="comma-separated shapes (default: 8192x1024,4096x4096 on cpu; M=16384 with "
+                   help="comma-separated shapes (default: 8192x1024,4096x4096,1048576x8,131072x64,32768x256 "
+                        "on cpu; M=16384 with "
                         "N in 1024..65536 and 4096x262144 on cuda)")
     p.add_argument("--dtype", default="fp32,bf16", metavar="DTYPES",
                    help="fp32, bf16, fp16 (default: fp32,bf16)")
@@ -53,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser, default_ops: str = "all") -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--flush-l2", action="store_true",
                    help="CUDA: zero a 256 MiB buffer before each timed call")
-    p.add_argument("--csv", default=None, metavar="PATH", help="also write every row as CSV")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="also write the markdown report")
+    p.add_argument("--csv", default=None, metavar="PATH", help="also write every row as CSV ('-': standard output)")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="also write the markdown report ('-': standard output)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -98,25 +100,40 @@ def run(args: argparse.Namespace) -> int:
     except bench.BenchError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    from normscope._paths import check_output, is_stdout, write_output
+
     for path in (args.csv, args.markdown):
-        d = os.path.dirname(os.path.abspath(path)) if path else None
+        d = os.path.dirname(os.path.abspath(path)) if path and path != "-" else None
         if d and not os.path.isdir(d):
             try:
                 os.makedirs(d, exist_ok=True)
             except OSError as e:
                 print(f"{prog}: error: cannot create {d}: {e.strerror}", file=sys.stderr)
                 return 2
+        problem = check_output(path) if path else ""
+        if problem:
+            print(f"{prog}: error: cannot write {path!r}: {problem}", file=sys.stderr)
+            return 2
+    if is_stdout(args.csv) and is_stdout(args.markdown):
+        print(f"{prog}: error: --csv - and --markdown - both ask for standard output; give one of them a file",
+              file=sys.stderr)
+        return 2
     result = bench.run_benchmark(cfg, progress=sys.stderr)
     text = result.to_markdown()
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    if args.csv:
-        result.to_csv(args.csv)
-        print(f"wrote {args.csv}", file=sys.stderr)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-        print(f"wrote {args.markdown}", file=sys.stderr)
+    if not is_stdout(args.markdown):  # the table once; on stderr when stdout carries the CSV
+        table = sys.stderr if is_stdout(args.csv) else sys.stdout
+        table.write(text)
+        table.flush()
+    for path, write in ((args.csv, result.to_csv), (args.markdown, lambda p: write_output(p, text))):
+        if not path:
+            continue
+        try:
+            write(path)
+        except OSError as e:
+            print(f"{prog}: error: cannot write {path!r}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        if not is_stdout(path):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

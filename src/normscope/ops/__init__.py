@@ -6,3 +6,4 @@ backend (``triton``, ``cpu``, ``reference``). Backends are imported lazily.
 """
 
 from normscope.ops import reference  # noqa: F401
+from normscope.ops._sharding import register as register_dtensor_sharding  # noqa: F401

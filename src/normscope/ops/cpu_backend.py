@@ -2,8 +2,8 @@
 
 The kernels live in ``csrc/norm_cpu.cpp`` (no torch headers). On the first call of
 :func:`available` / :func:`norm_fwd` / :func:`norm_bwd` the source is compiled with
-``c++ -O3 -march=native -fopenmp -fPIC`` -- as two parts in parallel (float and double
-accumulation), linked with ``-shared``; 2-3 s on two idle cores -- into a cache directory --
+``c++ -O3 -march=native -fopenmp -fno-math-errno -fPIC`` -- as two parts in parallel (float and double
+accumulation), linked with ``-shared``; a few seconds on two idle cores -- into a cache directory --
 ``$NORMSCOPE_CACHE_DIR``, else ``~/.cache/normscope`` -- under a name that hashes the source, the
 flags, the compiler version and the CPU; it is written to a temporary file and renamed, so
 concurrent processes never load a half-written library. It is loaded with :mod:`ctypes` (which
@@ -20,8 +20,9 @@ and dw / db are summed per chunk of rows fixed by ``(M, N)``, then over chunks i
 
 Tuning knobs (environment, read at import): ``NORMSCOPE_CPU_STREAM_BYTES`` -- outputs of at least
 this many bytes (default 16 MiB) are written with non-temporal stores, which skip reading the
-destination into the cache; ``NORMSCOPE_CPU_PREFETCH=0`` turns off prefetching the next row.
-Neither changes any result.
+destination into the cache; ``NORMSCOPE_CPU_PREFETCH=0`` turns off prefetching the next row;
+``NORMSCOPE_CPU_SMALL_ROWS=0`` turns off the straight-line path for rows of up to 256 elements.
+None of them changes any result.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ import torch
 __all__ = ["available", "unavailable_reason", "library_path", "norm_fwd", "norm_bwd"]
 
 _SRC = Path(__file__).resolve().parent / "csrc" / "norm_cpu.cpp"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC")
+# -fno-math-errno: sqrt never sets errno, so it vectorizes (the values are IEEE sqrt either way).
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-fno-math-errno")
 _LINK_FLAGS = ("-shared", "-fopenmp")
 # The source is compiled as two parts in parallel (float / double accumulation), then linked.
 _PARTS = (0, 1)
@@ -61,6 +63,9 @@ _MAX_PARTIAL_ELEMS = 1 << 22
 # Outputs of at least this many bytes are written with non-temporal (streaming) stores.
 _STREAM_MIN_BYTES = int(os.environ.get("NORMSCOPE_CPU_STREAM_BYTES", 16 << 20))
 _PREFETCH = os.environ.get("NORMSCOPE_CPU_PREFETCH", "1") != "0"
+# Rows of up to 256 elements (plain, unmasked, one dtype) take a straight-line path with bitwise
+# the same results; NORMSCOPE_CPU_SMALL_ROWS=0 turns it off.
+_SMALL_ROWS = os.environ.get("NORMSCOPE_CPU_SMALL_ROWS", "1") != "0"
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -365,8 +370,8 @@ def _threads(m: int, n: int) -> int:
 
 def _flags(nbytes: int) -> int:
     # bit 0: non-temporal stores, for outputs larger than the caches could keep for the consumer;
-    # bit 1: prefetch the next row.
-    return (1 if nbytes >= _STREAM_MIN_BYTES else 0) | (2 if _PREFETCH else 0)
+    # bit 1: prefetch the next row; bit 2: no small-row path.
+    return (1 if nbytes >= _STREAM_MIN_BYTES else 0) | (2 if _PREFETCH else 0) | (0 if _SMALL_ROWS else 4)
 
 
 def _rows_per_chunk(m: int, n: int) -> int:
@@ -572,7 +577,8 @@ def monitor_stats(
     same shape, of dtype float32, float64, bfloat16 or float16 (each its own). Rows
     ``start, start + stride, ...`` are sampled. Adds into ``sums`` (11 values: valid rows, sums of
     row means and variances, eps-dominated rows, NaN/Inf counts of x and y over every element,
-    finite output count, sum and sum of squares over the sampled rows), raises ``maxima`` (7 values:
+    then the finite outputs of the sampled rows as a (count, mean, M2) triple, merged by Chan et al.'s
+    parallel formula), raises ``maxima`` (7 values:
     max row mean, max row variance, -min row mean, -min row variance, then the three event keys
     ``keys`` = (input non-finite, output non-finite, eps-dominated), each where its event happened),
     and counts into ``var_hist`` (``len(var_edges) + 2``: ``bucketize(var, var_edges, right=True)``,

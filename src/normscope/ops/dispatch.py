@@ -15,6 +15,8 @@ from typing import Dict
 
 import torch
 
+from normscope.errors import DeviceError
+
 BACKENDS = ("triton", "cpu", "reference")
 ENV_VAR = "NORMSCOPE_BACKEND"
 
@@ -69,7 +71,7 @@ def backend_name(x: torch.Tensor) -> str:
     name = requested_backend() or default_backend(x.device)
     if name == "triton":
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
+            raise DeviceError(
                 "Expected CUDA tensors for the triton backend (or TRITON_INTERPRET=1 to run its "
                 f"kernels on the CPU), but got a tensor on {x.device}"
             )
@@ -78,7 +80,7 @@ def backend_name(x: torch.Tensor) -> str:
             return "reference"
     elif name == "cpu":
         if x.device.type != "cpu":
-            raise ValueError(f"Expected CPU tensors for the cpu backend, but got a tensor on {x.device}")
+            raise DeviceError(f"Expected CPU tensors for the cpu backend, but got a tensor on {x.device}")
         cpu = _import("cpu")
         if not cpu.available():
             reason = getattr(cpu, "unavailable_reason", lambda: "no C++ compiler")()

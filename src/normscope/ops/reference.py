@@ -280,9 +280,10 @@ def layer_norm_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm_ref(x, normalized_shape, weight=None, eps=None):
-    """Reference RMSNorm; ``eps=None`` means ``torch.finfo(x.dtype).eps`` as in torch."""
+    """Reference RMSNorm; ``eps=None`` means the epsilon of the accumulation dtype, as in torch:
+    ``torch.finfo(torch.float32).eps`` for 16- and 32-bit input, float64's for float64."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(acc_dtype(x.dtype)).eps
     y = _stats_norm(x, _dims(x, normalized_shape), eps, rms=True)
     return _affine(y, weight, None, y.dtype).to(x.dtype)
 
@@ -303,7 +304,7 @@ def add_rms_norm_ref(x, residual, normalized_shape, weight=None, eps=None):
     """Reference of ``h = x + residual; y = rms_norm(h)``; returns ``(y, h)``, ``y`` in x's dtype."""
     h = _add(x, residual)
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(acc_dtype(h.dtype)).eps
     return rms_norm_ref(h, normalized_shape, weight, eps).to(x.dtype), h
 
 
@@ -318,7 +319,7 @@ def masked_layer_norm_ref(x, mask, normalized_shape, weight=None, bias=None, eps
 def masked_rms_norm_ref(x, mask, normalized_shape, weight=None, eps=None):
     """Reference masked RMSNorm: mean square over ``mask``-True elements; 0 where False."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = torch.finfo(acc_dtype(x.dtype)).eps
     m = mask.expand(x.shape)
     y = _stats_norm(x, _dims(x, normalized_shape), eps, rms=True, m=m)
     return (_affine(y, weight, None, y.dtype) * m.to(y.dtype)).to(x.dtype)

@@ -1,7 +1,8 @@
 // normscope CPU kernels: LayerNorm / RMSNorm forward and backward on row-major (M, N) problems.
 //
 // Built on first use by normscope/ops/cpu_backend.py with the system C++ compiler
-// (c++ -O3 -march=native -fopenmp -shared -fPIC) and called through ctypes; no torch headers.
+// (c++ -O3 -march=native -fopenmp -fno-math-errno -shared -fPIC) and called through ctypes; no
+// torch headers.
 //
 // Numerics. Accumulation in A = float (double for float64 problems). LayerNorm centering is the
 // reference's shifted two-pass form, with s the row's first valid element (0 for a row without):
@@ -574,6 +575,7 @@ struct FwdArgs {
   A eps;
   bool rms, stream, prefetch;
   int nt;
+  bool small;  // the small-row path may be taken
 };
 
 template <class A, bool RMS>
@@ -586,7 +588,14 @@ static void pick_pass1(int t, pass1_t<A>& p1, pass1h_t<A>& p1h, pass1_t<A>& p1a)
 }
 
 template <class A>
+static int try_fwd_small(const FwdArgs<A>& a);
+
+template <class A>
 static int fwd_impl(const FwdArgs<A>& a) {
+  if (a.small) {
+    const int rc = try_fwd_small<A>(a);
+    if (rc != 1) return rc;
+  }
   const bool RMS = a.rms;
   const int ca = code_of<A>();
   const int64_t N = a.N;
@@ -798,6 +807,7 @@ struct BwdArgs {
   int64_t M, N, R;
   bool rms, stream, prefetch;
   int nt;
+  bool small;  // the small-row path may be taken
 };
 
 // Rows per block of the two-level dw / db sum (blocks are counted from the chunk's first row, so
@@ -805,7 +815,14 @@ struct BwdArgs {
 constexpr int64_t kDwBlock = 32;
 
 template <class A>
+static int try_bwd_small(const BwdArgs<A>& a);
+
+template <class A>
 static int bwd_impl(const BwdArgs<A>& a) {
+  if (a.small) {
+    const int rc = try_bwd_small<A>(a);
+    if (rc != 1) return rc;
+  }
   const bool DW = a.dw != nullptr, DB = a.db != nullptr;
   const sums_t<A> sums = a.mask ? pick_sums<A, true>(DW, DB) : pick_sums<A, false>(DW, DB);
   const int ca = code_of<A>();
@@ -928,6 +945,325 @@ static int bwd_impl(const BwdArgs<A>& a) {
   return 0;
 }
 
+// ---- small rows -----------------------------------------------------------------------------
+//
+// Rows of up to kSmallMax elements, plain (no residual, no mask) with one dtype T for input and
+// output, float32 or bfloat16 (float accumulation; float64 rows keep the general loops): the per-row
+// costs of the general loops above (picking kernels through pointers, the scalar tail of lane_sum
+// on a lane array kept in memory, prefetch planning, streaming checks) outweigh the arithmetic of
+// such a row. Here every row runs straight-line code with the lanes in registers: the lane count P
+// (a power of two, P = L when N > L) is a template argument, and a row's last partial group of lanes
+// reads its last element again with the operands of the masked lanes set to +0. Rows go in groups
+// of kSmallGroup (see there). Backward keeps the dw / db blocks and chunks of bwd_impl.
+//
+// Results are bitwise those of the general loops (NORMSCOPE_CPU_SMALL_ROWS=0 in the tests): each
+// lane adds the same terms in the same order from +0 with the same contractions, a masked lane adds
+// +0 (exact: a lane sum started from +0 is never -0), and the lanes beyond P, all +0 in lane_sum,
+// only ever add +0 in its tree.
+
+constexpr int64_t kSmallMax = 256;
+
+// lane_sum's value for a row of n elements with P lanes (n <= P, or P == kLanes<A>). f(j, mk) is
+// the term of element j with its operands kept by the mask word mk (see keep).
+template <class A, int P, class F>
+static inline A small_sum(int64_t n, F&& f) {
+  using W = mword_t<A>;
+  constexpr W kAll = ~(W)0;
+  A acc[P];
+  if (n == P) {  // (the clamped indices below would make gathers)
+    for (int l = 0; l < P; ++l) acc[l] = (A)0 + f(l, kAll);
+  } else if (n < P) {
+    for (int l = 0; l < P; ++l) acc[l] = (A)0 + f(l < n ? l : n - 1, l < n ? kAll : (W)0);
+  } else {
+    for (int l = 0; l < P; ++l) acc[l] = (A)0 + f(l, kAll);
+    int64_t j = P;
+    for (; j + P <= n; j += P)
+      for (int l = 0; l < P; ++l) acc[l] += f(j + l, kAll);
+    if (j < n)
+      for (int l = 0; l < P; ++l) acc[l] += f(j + l < n ? j + l : n - 1, j + l < n ? kAll : (W)0);
+  }
+  for (int w = P / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// Two sums in one sweep, as bwd_sums: f(j, mk, t1, t2) sets the two terms of element j.
+template <class A, int P, class F>
+static inline void small_sum2(int64_t n, A* s1, A* s2, F&& f) {
+  using W = mword_t<A>;
+  constexpr W kAll = ~(W)0;
+  A a1[P], a2[P];
+  auto add = [&](int l, int64_t j, W mk, bool first) {
+    A t1, t2;
+    f(j, mk, t1, t2);
+    if (first) {
+      a1[l] = (A)0 + t1;
+      a2[l] = (A)0 + t2;
+    } else {
+      a1[l] += t1;
+      a2[l] += t2;
+    }
+  };
+  if (n == P) {
+    for (int l = 0; l < P; ++l) add(l, l, kAll, true);
+  } else if (n < P) {
+    for (int l = 0; l < P; ++l) add(l, l < n ? l : n - 1, l < n ? kAll : (W)0, true);
+  } else {
+    for (int l = 0; l < P; ++l) add(l, l, kAll, true);
+    int64_t j = P;
+    for (; j + P <= n; j += P)
+      for (int l = 0; l < P; ++l) add(l, j + l, kAll, false);
+    if (j < n)
+      for (int l = 0; l < P; ++l) add(l, j + l < n ? j + l : n - 1, j + l < n ? kAll : (W)0, false);
+  }
+  for (int w = P / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) {
+      a1[l] += a1[l + w];
+      a2[l] += a2[l + w];
+    }
+  *s1 = a1[0];
+  *s2 = a2[0];
+}
+
+// body(j) for j < n: with P < kLanes<A> (so n <= P), a loop of P steps guarded by j < n (masked
+// vector code, no loop set-up per row).
+template <class A, int P, class F>
+static inline void small_for(int64_t n, F&& body) {
+  if constexpr (P < kLanes<A>) {
+#pragma omp simd
+    for (int j = 0; j < P; ++j)
+      if (j < n) body(j);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) body(j);
+  }
+}
+
+// Rows per group: a group's rows are reduced one after the other (independent chains the core
+// overlaps), and their divisions and square roots run as one vector operation.
+constexpr int kSmallGroup = 16;
+
+template <class T, class A, bool RMS, int P>
+static int fwd_small(const FwdArgs<A>& a) {
+  using W = mword_t<A>;
+  constexpr int G = kSmallGroup;
+  const int64_t N = a.N;
+  const T* X = (const T*)a.in;
+  T* Y = (T*)a.y;
+  const A* w = a.w;
+  const A* b = a.b;
+  const A eps = a.eps;
+  const A dn = (A)N;
+  const int64_t groups = (a.M + G - 1) / G;
+#pragma omp parallel for num_threads(a.nt) if (a.nt > 1) schedule(static)
+  for (int64_t q = 0; q < groups; ++q) {
+    const int64_t i0 = q * G;
+    const int cnt = (int)(a.M - i0 < G ? a.M - i0 : G);
+    A k[G], s1[G], d[G], rstd[G];
+    for (int g = 0; g < G; ++g) k[g] = s1[g] = d[g] = 0;
+    for (int g = 0; g < cnt; ++g) {
+      const T* x = X + (i0 + g) * N;
+      const A kg = RMS ? (A)0 : ld<A>(x, 0);
+      k[g] = kg;
+      s1[g] = small_sum<A, P>(N, [&](int64_t j, W mk) {
+        const A v = ld<A>(x, j);
+        if constexpr (RMS) {
+          const A vk = keep(v, mk);
+          return vk * vk;
+        } else {
+          return keep(v - kg, mk);
+        }
+      });
+    }
+    if constexpr (RMS) {
+#pragma omp simd
+      for (int g = 0; g < G; ++g) rstd[g] = (A)1 / sqrt_(s1[g] / dn + eps);
+    } else {
+      A ss[G];
+#pragma omp simd
+      for (int g = 0; g < G; ++g) d[g] = s1[g] / dn, ss[g] = 0;
+      for (int g = 0; g < cnt; ++g) {
+        const T* x = X + (i0 + g) * N;
+        const A kg = k[g], dg = d[g];
+        ss[g] = small_sum<A, P>(N, [&](int64_t j, W mk) {
+          const A c = keep((ld<A>(x, j) - kg) - dg, mk);
+          return c * c;
+        });
+      }
+#pragma omp simd
+      for (int g = 0; g < G; ++g) rstd[g] = (A)1 / sqrt_(ss[g] / dn + eps);
+    }
+    for (int g = 0; g < cnt; ++g) {
+      const T* x = X + (i0 + g) * N;
+      T* y = Y + (i0 + g) * N;
+      const A kg = k[g], dg = d[g], rg = rstd[g];
+      small_for<A, P>(N, [&](int64_t j) {
+        st(y, j, (((ld<A>(x, j) - kg) - dg) * rg) * w[j] + b[j]);
+      });
+      if (a.mean) a.mean[i0 + g] = kg + dg;
+      a.rstd[i0 + g] = rg;
+    }
+  }
+  return 0;
+}
+
+template <class T, class A, int P>
+static int bwd_small(const BwdArgs<A>& a) {
+  using W = mword_t<A>;
+  const int64_t N = a.N, M = a.M, R = a.R;
+  const int64_t K = (M + R - 1) / R;
+  const T* X = (const T*)a.x;
+  const T* DY = (const T*)a.dy;
+  T* DX = (T*)a.dx;
+  const A* w = a.w;
+  constexpr int G = kSmallGroup;
+  const A dn = (A)N;
+  const bool DW = a.dw != nullptr, DB = a.db != nullptr;
+#pragma omp parallel num_threads(a.nt) if (a.nt > 1)
+  {
+    Scratch<A> blw(DW ? N : 0), blb(DB ? N : 0);  // the current block's dw / db sums
+    Scratch<double> chw(DW ? N : 0), chb(DB ? N : 0);  // the current chunk's dw / db sums
+#pragma omp for schedule(static)
+    for (int64_t kc = 0; kc < K; ++kc) {
+      if (DW) memset(chw.p, 0, sizeof(double) * N), memset(blw.p, 0, sizeof(A) * N);
+      if (DB) memset(chb.p, 0, sizeof(double) * N), memset(blb.p, 0, sizeof(A) * N);
+      const int64_t i1 = (kc + 1) * R < M ? (kc + 1) * R : M;
+      for (int64_t i0 = kc * R; i0 < i1; i0 += G) {
+        const int cnt = (int)(i1 - i0 < G ? i1 - i0 : G);
+        A sh[G], d[G], rstd[G], s1[G], s2[G], c1[G], c2[G];
+        for (int g = 0; g < G; ++g) {
+          sh[g] = d[g] = s1[g] = s2[g] = 0;
+          rstd[g] = g < cnt ? a.rstd[i0 + g] : (A)0;
+        }
+        if (!a.rms) {
+          for (int g = 0; g < cnt; ++g) {
+            const T* x = X + (i0 + g) * N;
+            const A k = ld<A>(x, 0);
+            sh[g] = k;
+            d[g] = small_sum<A, P>(N, [&](int64_t j, W mk) { return keep(ld<A>(x, j) - k, mk); });
+          }
+#pragma omp simd
+          for (int g = 0; g < G; ++g) d[g] = d[g] / dn;
+        }
+        for (int g = 0; g < cnt; ++g) {
+          const T* x = X + (i0 + g) * N;
+          const T* dy = DY + (i0 + g) * N;
+          const A s = sh[g], dg = d[g], rg = rstd[g];
+          small_sum2<A, P>(N, &s1[g], &s2[g], [&](int64_t j, W mk, A& t1, A& t2) {
+            const A xh = keep(((ld<A>(x, j) - s) - dg) * rg, mk);
+            const A g0 = keep(ld<A>(dy, j), mk);
+            const A gw = g0 * keep(w[j], mk);
+            t1 = gw;
+            t2 = gw * xh;
+          });
+        }
+        // A run-time 0 for RMS, as in bwd_impl (a constant one would change the FMA contractions).
+        const A zero = (A)opaque_zero(N);
+#pragma omp simd
+        for (int g = 0; g < G; ++g) c1[g] = a.rms ? zero : s1[g] / dn, c2[g] = s2[g] / dn;
+        for (int g = 0; g < cnt; ++g) {
+          const int64_t i = i0 + g;
+          const T* x = X + i * N;
+          const T* dy = DY + i * N;
+          T* dx = DX + i * N;
+          const A s = sh[g], dg = d[g], rg = rstd[g], cg1 = c1[g], cg2 = c2[g];
+          A* pw = blw.p;
+          A* pb = blb.p;
+          small_for<A, P>(N, [&](int64_t j) {
+            const A xh = ((ld<A>(x, j) - s) - dg) * rg;
+            const A g0 = ld<A>(dy, j);
+            if (DW) pw[j] += g0 * xh;
+            if (DB) pb[j] += g0;
+            st(dx, j, rg * (g0 * w[j] - cg1 - xh * cg2) + (A)0);
+          });
+          if ((DW || DB) && ((i - kc * R + 1) % kDwBlock == 0 || i + 1 == i1)) {
+            for (int pass = 0; pass < 2; ++pass) {
+              if ((pass == 0 && !DW) || (pass == 1 && !DB)) continue;
+              double* o = pass == 0 ? chw.p : chb.p;
+              A* q = pass == 0 ? blw.p : blb.p;
+#pragma omp simd
+              for (int64_t j = 0; j < N; ++j) o[j] += (double)q[j], q[j] = (A)0;
+              if (i + 1 == i1) {
+                A* c = (pass == 0 ? a.pw : a.pb) + kc * N;
+                for (int64_t j = 0; j < N; ++j) c[j] = (A)o[j];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // The chunk partials, summed in chunk order (as bwd_impl; N <= kSmallMax columns).
+  for (int pass = 0; pass < 2; ++pass) {
+    if ((pass == 0 && !DW) || (pass == 1 && !DB)) continue;
+    const A* p = pass == 0 ? a.pw : a.pb;
+    A* o = pass == 0 ? a.dw : a.db;
+    double t[kSmallMax];
+    for (int64_t j = 0; j < N; ++j) t[j] = (double)p[j];
+    for (int64_t kk = 1; kk < K; ++kk) {
+      const A* q = p + kk * N;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) t[j] += (double)q[j];
+    }
+    for (int64_t j = 0; j < N; ++j) o[j] = (A)t[j];
+  }
+  return 0;
+}
+
+template <int P>
+struct lanes_c {
+  static constexpr int value = P;
+};
+
+// Calls f(lanes_c<P>{}) with the lane count P of small_sum for rows of n elements.
+template <class A, class F>
+static inline int with_lanes(int64_t n, F&& f) {
+  if (n <= 1) return f(lanes_c<1>{});
+  if (n <= 2) return f(lanes_c<2>{});
+  if (n <= 4) return f(lanes_c<4>{});
+  if (n <= 8) return f(lanes_c<8>{});
+  if constexpr (kLanes<A> == 16) {
+    return f(lanes_c<16>{});
+  } else {
+    if (n <= 16) return f(lanes_c<16>{});
+    return f(lanes_c<32>{});
+  }
+}
+
+// The small-row forward for a, or 1 when it does not apply.
+template <class A>
+static int try_fwd_small(const FwdArgs<A>& a) {
+  if (a.N > kSmallMax || a.r || a.mask || a.tin != a.tout) return 1;
+  int rc = 1;
+  if constexpr (!same_v<A, double>) {
+    with_fused_type<A>(a.tin, [&](auto* p) {
+      using T = elem_t<decltype(p)>;
+      rc = with_lanes<A>(a.N, [&](auto lc) {
+        constexpr int P = decltype(lc)::value;
+        return a.rms ? fwd_small<T, A, true, P>(a) : fwd_small<T, A, false, P>(a);
+      });
+    });
+  }
+  return rc;
+}
+
+// The small-row backward for a, or 1 when it does not apply.
+template <class A>
+static int try_bwd_small(const BwdArgs<A>& a) {
+  if (a.N > kSmallMax || a.dh || a.mask || a.tdy != a.txn || a.tdx != a.txn) return 1;
+  int rc = 1;
+  if constexpr (!same_v<A, double>) {
+    with_fused_type<A>(a.txn, [&](auto* p) {
+      using T = elem_t<decltype(p)>;
+      rc = with_lanes<A>(a.N, [&](auto lc) {
+        constexpr int P = decltype(lc)::value;
+        return bwd_small<T, A, P>(a);
+      });
+    });
+  }
+  return rc;
+}
+
 // ---- entry points ---------------------------------------------------------------------------
 //
 // They take their arguments packed in an int64 array (pointers as integers, 0 for null): one
@@ -945,7 +1281,7 @@ static int fwd_entry(const int64_t* a, double eps) {
   FwdArgs<A> f{(int)a[0], (int)a[1], (int)a[2], (int)a[3], P(5), P(6), P(7),
                (const uint8_t*)P(8), (const A*)P(9), (const A*)P(10), P(11), (A*)P(12),
                (A*)P(13), M, N, (A)eps, a[16] != 0, (a[17] & 1) != 0, (a[17] & 2) != 0,
-               (int)a[18]};
+               (int)a[18], (a[17] & 4) == 0};
   return fwd_impl<A>(f);
 }
 
@@ -959,7 +1295,7 @@ static int bwd_entry(const int64_t* a) {
   BwdArgs<A> b{(int)a[0], (int)a[1], (int)a[2], (int)a[3], P(5), P(6), P(7),
                (const uint8_t*)P(8), (const A*)P(9), (const A*)P(10), (const A*)P(11), P(12),
                (A*)P(13), (A*)P(14), (A*)P(15), (A*)P(16), M, N, R, a[20] != 0,
-               (a[21] & 1) != 0, (a[21] & 2) != 0, (int)a[22]};
+               (a[21] & 1) != 0, (a[21] & 2) != 0, (int)a[22], (a[21] & 4) == 0};
   return bwd_impl<A>(b);
 }
 
@@ -987,7 +1323,8 @@ int ns_abi_version() { return 5; }
 // h = round_tin(A(x) + A(r)) is written first (x dtype tx, r dtype tr) and the statistics are
 // taken over the stored h. y has dtype tout. w, b: N values of the accumulation type A (double
 // iff acc64; ones / zeros when the op has none). mean may be 0 (RMS). flags: bit 0 writes y and h
-// with non-temporal stores, bit 1 prefetches the next row. Returns 0, or < 0 on bad arguments.
+// with non-temporal stores, bit 1 prefetches the next row, bit 2 turns off the small-row path (the
+// same results). Returns 0, or < 0 on bad arguments.
 int ns_fwd(const int64_t* a, double eps) {
   return a[4] ? ns_fwd_f64(a, eps) : fwd_entry<float>(a, eps);
 }
@@ -1017,7 +1354,9 @@ int ns_bwd(const int64_t* a) { return a[4] ? ns_bwd_f64(a) : bwd_entry<float>(a)
 //         var_hist, in_hist, var_edges, n_var_edges, hist_f64}
 // da[] = {eps_threshold, hist_lo, hist_scale, key_in, key_out, key_eps}
 // sums (11): valid rows, sum of row means, sum of row variances, eps rows, NaN in, Inf in, NaN out,
-//            Inf out, finite output elements (sampled rows), their sum, their sum of squares.
+//            Inf out, then the finite output elements of the sampled rows as a (count, mean, M2) triple:
+//            each row's mean and centred sum of squares by two passes, merged over the rows and into
+//            the accumulated triple with Chan et al.'s parallel formula (never E[y^2] - E[y]^2).
 // maxima (7): max row mean, max row var, -min row mean, -min row var, then the three event keys
 //             (input non-finite, output non-finite in sampled rows, eps-dominated row), each raised
 //             to key_* when its event happened.
@@ -1062,9 +1401,10 @@ static inline double row_sq(const T* p, int64_t n, double c) {
   return lanes_total(l);
 }
 
-// Sum and sum of squares of the finite values of a row, with NaN / Inf counts.
+// Count, mean and centred sum of squares (two passes) of the finite values of a row, with NaN / Inf counts.
 template <class T>
-static inline void row_finite(const T* p, int64_t n, double& sum, double& sq, int64_t& nan, int64_t& inf) {
+static inline void row_finite(const T* p, int64_t n, double& cnt, double& mean, double& m2, int64_t& nan,
+                              int64_t& inf) {
   double ls[kMonLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, lq[kMonLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t a = 0, b = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -1073,14 +1413,33 @@ static inline void row_finite(const T* p, int64_t n, double& sum, double& sq, in
     const bool isi = !isn && (v - v != v - v);
     a += isn;
     b += isi;
-    const double v0 = (isn || isi) ? 0.0 : v;
-    ls[j % kMonLanes] += v0;
-    lq[j % kMonLanes] += v0 * v0;
+    ls[j % kMonLanes] += (isn || isi) ? 0.0 : v;
   }
-  sum = lanes_total(ls);
-  sq = lanes_total(lq);
+  cnt = (double)(n - a - b);
+  mean = cnt > 0 ? lanes_total(ls) / cnt : 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double v = ld<double>(p, j);
+    const double d = (v == v && v - v == v - v) ? v - mean : 0.0;
+    lq[j % kMonLanes] += d * d;
+  }
+  m2 = cnt > 0 ? lanes_total(lq) : 0.0;
   nan += a;
   inf += b;
+}
+
+// (n, mean, m2) += (nb, mean_b, m2_b): Chan et al.'s parallel update of a count, mean and M2.
+static inline void chan_merge(double& n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
+  if (!(nb > 0)) return;
+  if (!(n > 0)) {
+    n = nb;
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
+  const double t = n + nb, delta = mean_b - mean;
+  mean += delta * (nb / t);
+  m2 += m2_b + delta * delta * (n * nb / t);
+  n = t;
 }
 
 template <class T>
@@ -1151,7 +1510,7 @@ static int monitor_stats_impl(const int64_t* ia, const double* da) {
   }
 
   int64_t nan_in = 0, inf_in = 0, nan_out = 0, inf_out = 0, bad_out_s = 0, valid = 0, n_eps = 0;
-  double s_mean = 0, s_var = 0, o_n = 0, o_sum = 0, o_sq = 0;
+  double s_mean = 0, s_var = 0, o_n = 0, o_mean = 0, o_m2 = 0;
   double mean_max = -inf_d, var_max = -inf_d, nmean_min = -inf_d, nvar_min = -inf_d;
   int64_t k = 0;  // index among the sampled rows
   for (int64_t r = 0; r < rows; ++r) {
@@ -1164,10 +1523,7 @@ static int monitor_stats_impl(const int64_t* ia, const double* da) {
     }
     // Input: sum (counts where it is not finite), then the centred (or raw, RMS) sum of squares.
     double sum = row_sum(xr, cols);
-    if (sum - sum != 0.0) {
-      double unused_s, unused_q;
-      row_finite(xr, cols, unused_s, unused_q, nan_in, inf_in);
-    }
+    if (sum - sum != 0.0) count_row(xr, cols, nan_in, inf_in);
     const double mean = sum / (double)cols;
     double var = row_sq(xr, cols, rms ? 0.0 : mean) / (double)cols;
     if (!var64) var = (double)(float)var;  // the torch path's accumulation dtype
@@ -1207,16 +1563,19 @@ static int monitor_stats_impl(const int64_t* ia, const double* da) {
       for (; j < cols; ++j) ++hc[idx[j]];
     }
     ++k;
-    // Output: sum and sum of squares; element-wise counts only for a row whose sum is not finite.
-    double os = row_sum(yr, cols), oq = row_sq(yr, cols, 0.0);
+    // Output: the row's mean and centred sum of squares (two passes), merged into the call's triple;
+    // element-wise counts only for a row whose sum is not finite.
+    const double os = row_sum(yr, cols);
+    double rn = (double)cols, rmean = os / (double)cols, rm2;
     int64_t c = 0, d = 0;
-    if (os - os != 0.0 || oq - oq != 0.0) row_finite(yr, cols, os, oq, c, d);
+    if (os - os != 0.0)
+      row_finite(yr, cols, rn, rmean, rm2, c, d);
+    else
+      rm2 = row_sq(yr, cols, rmean);
     nan_out += c;
     inf_out += d;
     bad_out_s += c + d;
-    o_n += (double)(cols - c - d);
-    o_sum += os;
-    o_sq += oq;
+    chan_merge(o_n, o_mean, o_m2, rn, rmean, rm2);
   }
   for (int64_t b = 0; b < hw; ++b) ih[b] += (double)(hc[b] + hc[hw + b] + hc[2 * hw + b] + hc[3 * hw + b]);
   free(hc);
@@ -1229,9 +1588,7 @@ static int monitor_stats_impl(const int64_t* ia, const double* da) {
   sums[5] += (double)inf_in;
   sums[6] += (double)nan_out;
   sums[7] += (double)inf_out;
-  sums[8] += o_n;
-  sums[9] += o_sum;
-  sums[10] += o_sq;
+  chan_merge(sums[8], sums[9], sums[10], o_n, o_mean, o_m2);
   const double upd[4] = {mean_max, var_max, nmean_min, nvar_min};
   for (int i = 0; i < 4; ++i) mx[i] = upd[i] > mx[i] ? upd[i] : mx[i];
   if (nan_in + inf_in > 0 && da[3] > mx[4]) mx[4] = da[3];
