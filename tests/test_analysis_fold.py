@@ -47,19 +47,37 @@ class Block(torch.nn.Module):
         return h2 + self.out(h2)  # post-norm: "other" also feeds a residual add
 
 
-def test_plain_module_folds_and_creates_bias():
+def test_plain_module_folds_gamma_when_beta_is_zero():
     torch.manual_seed(0)
     model = _perturb(Block()).eval()
+    with torch.no_grad():
+        model.norm.bias.zero_()
     x = torch.randn(3, 16)
     before = model(x)
     result = fold_norms_(model, x)
     assert isinstance(result, FoldResult)
     assert result.folded == [("norm", ("q", "k"), ())]
     assert result.skipped[0].norm == "other" and "residual" in result.skipped[0].reason
-    assert model.q.bias is not None  # beta != 0 created a bias
+    assert model.q.bias is None  # no parameter was added: the state dict keeps its keys
     assert torch.equal(model.norm.weight, torch.ones(16)) and torch.equal(model.norm.bias, torch.zeros(16))
     assert _max_rel(model(x), before) <= 1e-5
     json.dumps(result.to_dict())
+
+
+def test_beta_into_a_consumer_without_bias_is_refused():
+    """A bias created on a consumer built without one does not survive a reload into a fresh instance."""
+    torch.manual_seed(0)
+    model = _perturb(Block()).eval()
+    x = torch.randn(3, 16)
+    before = model(x)
+    result = fold_norms_(model, x)
+    assert result.folded == []
+    reasons = {s.norm: s.reason for s in result.skipped}
+    assert "consumer q has no bias" in reasons["norm"]
+    assert model.q.bias is None and _max_rel(model(x), before) == 0.0
+    fresh = Block().eval()
+    fresh.load_state_dict(model.state_dict())  # strict: the keys are those of the class
+    assert torch.equal(fresh(x), model(x))
 
 
 def test_shared_consumer_and_functional_matmul_are_skipped():
@@ -79,7 +97,7 @@ def test_shared_consumer_and_functional_matmul_are_skipped():
     before = model(x)
     result = fold_norms_(model, x)
     assert result.folded == []
-    reasons = dict(result.skipped)
+    reasons = {s.name: s.reason for s in result.skipped}
     assert "also called on inputs that do not come from this norm" in reasons["a"]
     assert "also called on inputs" in reasons["b"]
     assert "functional matmul" in reasons["c"]
@@ -135,7 +153,10 @@ def _gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
                                      eos_token_id=0)
-    return _perturb(transformers.GPT2LMHeadModel(config).eval())
+    model = _perturb(transformers.GPT2LMHeadModel(config).eval())
+    with torch.no_grad():  # lm_head has no bias: ln_f folds only with beta = 0 (see test_fold_round_trip.py)
+        model.transformer.ln_f.bias.zero_()
+    return model
 
 
 def _check_gpt2(model, result, before):
@@ -211,8 +232,8 @@ def test_bert_post_ln_folds_nothing_and_says_why():
     before = model(IDS).last_hidden_state
     result = fold_norms_(model, {"input_ids": IDS})
     assert result.folded == []
-    assert len(result.skipped) == 5 and all(reason for _, reason in result.skipped)
-    assert all("residual" in reason or "output" in reason for _, reason in result.skipped), result.skipped
+    assert len(result.skipped) == 5 and all(s.reason for s in result.skipped)
+    assert all("residual" in s.reason or "output" in s.reason for s in result.skipped), result.skipped
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(IDS).last_hidden_state, before)
 
@@ -223,5 +244,5 @@ def test_all_minilm_l6_v2_folds_nothing_and_says_why():
     features = dict(model.tokenize(["normalization layers", "a short sentence"]))
     before = model(dict(features))["sentence_embedding"]
     result = fold_norms_(model, (features,))
-    assert result.folded == [] and len(result.skipped) == 13 and all(reason for _, reason in result.skipped)
+    assert result.folded == [] and len(result.skipped) == 13 and all(s.reason for s in result.skipped)
     assert torch.equal(model(dict(features))["sentence_embedding"], before)

@@ -214,6 +214,7 @@ ALERT_MUTATIONS = {
     "NormscopePredictionDrift": ("expr", ">= 500", ">= 499"),
     "NormscopePredictionDriftShare": ("expr", "share >= 0.5", "share >= 0.49"),
     "NormscopeNormParamDrift": ("expr", "> 0.01", "> 0.0098"),
+    "NormscopeConfigMismatch": ("for", "5m", "2m"),
     "NormscopeEpsDominatedRows": ("expr", "> 0.01", "> 0.0089"),
     "NormscopeMonitorErrorFinding": ("expr", 'severity="error"', 'severity=~"error|warning"'),
     "NormscopeServingTargetDown": ("for", "2m", "1m"),
@@ -282,7 +283,7 @@ def test_rule_expressions_use_only_catalogue_metrics():
                  "normscope_prediction_drift", "normscope_prediction_drift_window_samples",
                  "normscope_prediction_drift_share",
                  "normscope_layer_param_drift", "normscope_findings_total", "normscope_eps_dominated_rows_total",
-                 "normscope_rows_sampled_total", "normscope_build_info", "up"):
+                 "normscope_rows_sampled_total", "normscope_build_info", "normscope_config_mismatch", "up"):
         assert name in names_used, name
     get_metric("normscope_inference_request_duration_seconds")  # the latency SLO's histogram exists
 

@@ -111,7 +111,8 @@ def test_serving_metrics_follow_prometheus_conventions():
         "normscope_prediction_drift": ("gauge", ("model", "model_version", "metric", "statistic")),
         "normscope_prediction_drift_window_samples": ("gauge", ("model", "model_version")),
         "normscope_prediction_drift_share": ("gauge", ("model", "model_version")),
-        "normscope_build_info": ("gauge", ("version", "model", "model_version")),
+        "normscope_build_info": ("gauge", ("version", "model", "model_version", "fingerprint")),
+        "normscope_config_mismatch": ("gauge", ("model", "model_version")),
         "normscope_output_nonfinite_total": ("counter", ("model", "model_version")),
         "normscope_layer_param_drift": ("gauge", ("model", "model_version", "layer", "param", "stat")),
     }

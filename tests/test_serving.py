@@ -82,10 +82,13 @@ def test_every_serving_metric_of_the_catalogue_with_type_labels_and_values():
     reg = prometheus_client.CollectorRegistry()
     w = instrument(model, model="toy", model_version="1", registry=reg, validate=_validate, baseline=base,
                    reference=reference, monitor_every=2, monitor_flush_every=1, drift_every=10**6,
-                   drift_interval=3600.0)
+                   drift_interval=3600.0, expected_config=serving.norm_config(_model()))
     try:
         # startup: build info, requests and every failure reason at 0
-        assert _value(reg, "normscope_build_info", version=normscope.__version__, **MV) == 1.0
+        assert w.fingerprint == serving.fingerprint(model) and len(w.fingerprint) == 16
+        assert _value(reg, "normscope_build_info", version=normscope.__version__, fingerprint=w.fingerprint,
+                      **MV) == 1.0
+        assert _value(reg, "normscope_config_mismatch", **MV) == 0.0  # gamma/beta changed, the config did not
         assert _value(reg, "normscope_inference_requests_total", **MV) == 0.0
         for r in FAILURE_REASONS:
             assert _value(reg, "normscope_inference_failures_total", reason=r, **MV) == 0.0
@@ -359,9 +362,12 @@ def test_two_model_versions_share_a_registry():
     assert _value(reg, "normscope_inference_requests_total", model="toy", model_version="1") == 1
     assert _value(reg, "normscope_inference_requests_total", model="toy", model_version="2") == 2
     assert _value(reg, "process_resident_memory_bytes") > 0
+    info = {"version": normscope.__version__, "fingerprint": "unknown", "model": "toy"}  # not an nn.Module
+    assert _value(reg, "normscope_build_info", model_version="1", **info) == 1.0
     a.remove_series()  # version 1 unloaded: its series go, version 2's stay
     assert _value(reg, "normscope_inference_requests_total", model="toy", model_version="1") is None
-    assert _value(reg, "normscope_build_info", version=normscope.__version__, model="toy", model_version="1") is None
+    assert _value(reg, "normscope_build_info", model_version="1", **info) is None
+    assert _value(reg, "normscope_build_info", model_version="2", **info) == 1.0
     assert _value(reg, "normscope_inference_failures_total", reason="exception", model="toy", model_version="1") \
         is None
     assert _value(reg, "normscope_inference_requests_total", model="toy", model_version="2") == 2
@@ -516,3 +522,67 @@ def test_example_server_paths_methods_and_sizes(example):
     # the server keeps answering after all of that
     st, _, _ = _req(url + "/predict", "POST", b'{"texts": ["still up"]}')
     assert st == 200
+
+
+# --- the normalization config fingerprint (normscope.serving.config) ----------------------------------------------
+
+
+def _norm_model(eps=1e-5, affine=True, rms=False):
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(8, eps=eps) if rms else torch.nn.LayerNorm(8, eps=eps, elementwise_affine=affine)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), norm, torch.nn.Linear(8, 4))
+
+
+def test_fingerprint_changes_with_eps_dtype_affine_kind_and_placement_inputs_only():
+    from normscope.serving.config import config_differences, config_fingerprint, norm_config
+
+    base = serving.fingerprint(_norm_model())
+    assert serving.fingerprint(_norm_model()) == base  # deterministic: weights do not enter it
+    with torch.no_grad():
+        other_weights = _norm_model()
+        other_weights[1].weight.mul_(3.0)
+    assert serving.fingerprint(other_weights) == base
+    variants = {"eps": _norm_model(eps=1e-6), "dtype": _norm_model().half(), "affine": _norm_model(affine=False),
+                "kind": _norm_model(rms=True)}
+    fps = {k: serving.fingerprint(m) for k, m in variants.items()}
+    assert base not in fps.values() and len(set(fps.values())) == len(fps)
+    cfg = norm_config(_norm_model())
+    assert cfg["layers"] == [{"name": "1", "kind": "layer_norm", "eps": 1e-5, "affine": True, "bias": True,
+                              "normalized_shape": [8], "param_dtype": "float32"}]
+    assert config_differences(cfg, norm_config(variants["eps"])) == ["1: eps 1e-05 != 1e-06"]
+    with_inputs = norm_config(_norm_model(), torch.randn(2, 8))
+    assert with_inputs["with_inputs"] and with_inputs["layers"][0]["placement"] == "other"
+    assert with_inputs["layers"][0]["compute_dtype"] == "float32"
+    assert config_fingerprint(with_inputs) != base
+    with pytest.raises(ValueError, match="Expected a normalization config of format 1"):
+        config_fingerprint(dict(cfg, format=2))
+    with pytest.raises(TypeError, match="Expected a normalization config"):
+        config_fingerprint([])
+
+
+def test_wrapper_compares_the_served_config_with_the_expected_one():
+    from normscope.serving.config import norm_config
+
+    registered = norm_config(_norm_model())
+    reg = prometheus_client.CollectorRegistry()
+    ok = instrument(_norm_model(), model="m", model_version="1", registry=reg, expected_config=registered,
+                    monitor_every=0)
+    assert ok.config_mismatch is False and _value(reg, "normscope_config_mismatch", model="m", model_version="1") == 0
+    with pytest.warns(UserWarning, match=r"differs from the registered one: fingerprint [0-9a-f]{16} != "
+                      + serving.config_fingerprint(registered) + r" \(1: eps 1e-05 != 0.001\)"):
+        bad = instrument(_norm_model(eps=1e-3), model="m", model_version="2", registry=reg,
+                         expected_config=registered, monitor_every=0)
+    assert _value(reg, "normscope_config_mismatch", model="m", model_version="2") == 1
+    bad.remove_series()
+    assert _value(reg, "normscope_config_mismatch", model="m", model_version="2") is None
+    # a bare fingerprint works too; validation
+    fp = serving.config_fingerprint(registered)
+    assert instrument(_norm_model(), model="m", model_version="3", expected_config=fp,
+                      monitor_every=0).config_mismatch is False
+    with pytest.raises(ValueError, match="Expected expected_config to be a fingerprint of 16 lowercase hex"):
+        instrument(_norm_model(), model="m", model_version="1", expected_config="abc")
+    with pytest.raises(ValueError, match="Expected fn to be an nn.Module when expected_config"):
+        instrument(lambda x: x, model="m", model_version="1", expected_config=fp)
+    with pytest.raises(ValueError, match="Expected config_inputs"):
+        instrument(_norm_model(), model="m", model_version="1",
+                   expected_config=norm_config(_norm_model(), torch.randn(2, 8)))

@@ -4,6 +4,7 @@
     python examples/serving/server.py --make-baseline minilm-1.npz      # build a drift baseline, exit
     python examples/serving/server.py --baseline minilm-1.npz --model-version 1
     python examples/serving/server.py --no-telemetry                    # the same service, uninstrumented
+    python examples/serving/server.py --mlflow-uri sqlite:///mlflow.db --model-version 1   # registered version
 
 Endpoints:
 
@@ -82,11 +83,16 @@ class EmbeddingService:
             the checkpoint as loaded (so ``normscope_layer_param_drift`` reads 0 until a transformed model
             is served).
         monitor_every, drift_window, drift_every, drift_interval: passed to ``instrument``.
+        mlflow_uri: an MLflow tracking URI: serve registered model ``minilm`` version ``model_version`` as
+            ``normscope audit --mlflow-uri URI --register minilm`` logged it: its drift baseline (unless
+            ``baseline`` is given) and its normalization config, against which the wrapper exports
+            ``normscope_config_mismatch``.
     """
 
     def __init__(self, *, model_version: str = "1", telemetry: bool = True, baseline: Optional[str] = None,
                  reference: Optional[str] = None, monitor_every: int = 100, drift_window: int = 1000,
-                 drift_every: int = 1000, drift_interval: float = 30.0, max_length: int = 128):
+                 drift_every: int = 1000, drift_interval: float = 30.0, max_length: int = 128,
+                 mlflow_uri: Optional[str] = None):
         self.model_version = model_version
         self.module, _, self.tokenizer = load_default_model()
         self.max_length = max_length
@@ -94,6 +100,16 @@ class EmbeddingService:
         self.wrapped = None
         if baseline == "builtin":
             baseline = self.builtin_baseline()
+        expected_config = config_inputs = None
+        self.registered = None
+        if mlflow_uri is not None:
+            from normscope.integrations.mlflow import load_registered
+
+            self.registered = load_registered(MODEL_NAME, model_version, tracking_uri=mlflow_uri)
+            baseline = baseline if baseline is not None else self.registered.baseline
+            expected_config = self.registered.config
+            if expected_config.get("with_inputs"):  # as the audit ran it: the built-in sentences
+                config_inputs = tokenize(self.tokenizer, list(SENTENCES))
         if telemetry:
             import normscope.serving
 
@@ -102,7 +118,7 @@ class EmbeddingService:
                 self.module, model=MODEL_NAME, model_version=model_version, validate=check_payload,
                 preprocess=self._preprocess, batch_size_fn=_batch_size, baseline=baseline, reference=ref,
                 monitor_every=monitor_every, drift_window=drift_window, drift_every=drift_every,
-                drift_interval=drift_interval)
+                drift_interval=drift_interval, expected_config=expected_config, config_inputs=config_inputs)
             self.predict = self.wrapped
         else:
             self.predict = self._plain
@@ -321,6 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--texts", help="with --make-baseline: a text file, one text per line "
                    "(default: the built-in sentences and their pairs)")
     p.add_argument("--no-telemetry", action="store_true", help="serve without normscope.serving")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI: serve registered model 'minilm' version --model-version "
+                   "with its drift baseline and audited normalization config (normscope audit --register minilm)")
     p.add_argument("--monitor-every", type=int, default=100, help="monitor one request in N (0: off). Default: 100")
     p.add_argument("--drift-window", type=int, default=1000)
     p.add_argument("--drift-every", type=int, default=1000)
@@ -337,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     service = EmbeddingService(model_version=a.model_version, telemetry=not a.no_telemetry, baseline=a.baseline,
                                reference=a.reference, monitor_every=a.monitor_every, drift_window=a.drift_window,
-                               drift_every=a.drift_every, drift_interval=a.drift_interval)
+                               drift_every=a.drift_every, drift_interval=a.drift_interval, mlflow_uri=a.mlflow_uri)
     server = make_server(service, a.port, host=a.host, access_log=a.access_log)
     print(f"serving {MODEL_NAME} {a.model_version} on http://{a.host}:{server.server_port} "
           f"(telemetry {'off' if a.no_telemetry else 'on'})", flush=True)

@@ -25,6 +25,7 @@ __all__ = [
     "assert_padding_invariant",
     "assert_deterministic",
     "assert_eps_safe",
+    "eps_safety",
     "CheckResult",
     "EpsLayer",
     "EpsCheckResult",
@@ -752,12 +753,40 @@ def assert_eps_safe(model: torch.nn.Module, dtype: torch.dtype) -> EpsCheckResul
         Traceback (most recent call last):
         AssertionError: eps/dtype safety does not hold for 1 of 1 normalization layers in float16: ...
     """
-    from normscope.analysis.placement import _eps_risks
-    from normscope.discovery import effective_eps, find_norm_layers
-
     _check_model(model)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"Expected dtype to be a floating-point torch.dtype, but got {dtype!r}")
+    name = _dtype_name(dtype)
+    checked = eps_safety(model, dtype)
+    bad = [layer for layer in checked if layer.problem]
+    if bad:
+        info = torch.finfo(dtype)
+        lines = [f"eps/dtype safety does not hold for {len(bad)} of {len(checked)} normalization layers in {name}:"]
+        lines += [f"  {layer.name or '<model>'} ({layer.kind}, eps={layer.effective_eps:g}): {layer.problem}"
+                  for layer in bad]
+        lines.append(f"An eps of 0 lets a zero-variance row (a constant or all-zero vector, a padded position) divide "
+                     f"by sqrt(0) and give inf/NaN. The smallest {name} value is {info.smallest_normal * info.eps:g}.")
+        if any("survives" in layer.problem for layer in bad):
+            lines.append(f"A layer that PyTorch computes in float32 runs fine in PyTorch, but loses its eps wherever "
+                         f"it is computed in {name}: an ONNX graph converted to {name}, a {name} runtime, a decomposed "
+                         "or hand-written norm.")
+        lines.append(f"Use an eps that {name} represents (e.g. 1e-5), or keep these layers in float32.")
+        raise AssertionError("\n".join(lines))
+    return EpsCheckResult(dtype, tuple(checked))
+
+
+def eps_safety(model: torch.nn.Module, dtype: torch.dtype) -> List[EpsLayer]:
+    """The verdict of :func:`assert_eps_safe` on every normalization layer, without raising.
+
+    The one eps/dtype rule of normscope: :func:`assert_eps_safe` raises when a layer has a ``problem``, and
+    ``normscope audit`` reports the same layers (``eps_underflow`` errors for problems, warnings for notes).
+
+    Returns:
+        One :class:`EpsLayer` per layer (``problem`` empty when it passes).
+    """
+    from normscope.analysis.placement import _eps_risks
+    from normscope.discovery import effective_eps, find_norm_layers
+
     name = _dtype_name(dtype)
     checked = []
     for layer in find_norm_layers(model):
@@ -783,18 +812,4 @@ def assert_eps_safe(model: torch.nn.Module, dtype: torch.dtype) -> EpsCheckResul
             if risks:
                 note = "; ".join(filter(None, [note, *risks]))
         checked.append(EpsLayer(layer.name, layer.kind, layer.eps, eps, compute, problem, note))
-    bad = [layer for layer in checked if layer.problem]
-    if bad:
-        info = torch.finfo(dtype)
-        lines = [f"eps/dtype safety does not hold for {len(bad)} of {len(checked)} normalization layers in {name}:"]
-        lines += [f"  {layer.name or '<model>'} ({layer.kind}, eps={layer.effective_eps:g}): {layer.problem}"
-                  for layer in bad]
-        lines.append(f"An eps of 0 lets a zero-variance row (a constant or all-zero vector, a padded position) divide "
-                     f"by sqrt(0) and give inf/NaN. The smallest {name} value is {info.smallest_normal * info.eps:g}.")
-        if any("survives" in layer.problem for layer in bad):
-            lines.append(f"A layer that PyTorch computes in float32 runs fine in PyTorch, but loses its eps wherever "
-                         f"it is computed in {name}: an ONNX graph converted to {name}, a {name} runtime, a decomposed "
-                         "or hand-written norm.")
-        lines.append(f"Use an eps that {name} represents (e.g. 1e-5), or keep these layers in float32.")
-        raise AssertionError("\n".join(lines))
-    return EpsCheckResult(dtype, tuple(checked))
+    return checked

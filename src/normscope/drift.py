@@ -789,15 +789,19 @@ class Baseline:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the baseline to ``path``: ``.npz`` (numpy arrays, no object arrays) or ``.json`` by suffix."""
+        import io
+
+        from normscope._paths import write_output
+
         path = os.fspath(path)
         meta, arrays = self._state()
         if path.endswith(".npz"):
-            with open(path, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+            buf = io.BytesIO()
+            np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+            write_output(path, buf.getvalue())  # atomically; through symbolic links; FIFOs directly
         elif path.endswith(".json"):
             doc = dict(meta, arrays={k: v.tolist() for k, v in arrays.items()})
-            with open(path, "w") as f:
-                json.dump(doc, f)
+            write_output(path, json.dumps(doc))
         else:
             raise ValueError(f"Expected a path ending in .npz or .json, but got {path!r}")
 

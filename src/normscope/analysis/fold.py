@@ -12,7 +12,8 @@ import torch
 
 from normscope.analysis.placement import _split_inputs, analyze
 from normscope.analysis.tracer import is_linear_module, trace
-from normscope.discovery import NormLayer, find_norm_layers, probe_norm
+from normscope.discovery import NormLayer, find_norm_layers, probe_norm_dims
+from normscope.nn import Skipped
 
 __all__ = ["fold_norms_", "FoldResult", "FoldedNorm", "SkippedNorm"]
 
@@ -28,16 +29,15 @@ class FoldedNorm(NamedTuple):
     untied: Tuple[str, ...]
 
 
-class SkippedNorm(NamedTuple):
-    """A norm that was left unchanged: ``(norm, reason)``."""
-
-    norm: str
-    reason: str
+#: A norm that was left unchanged: the type of :func:`normscope.convert`'s skipped items too (``name``, ``module``
+#: (its class name), ``reason``; ``norm`` is ``name``).
+SkippedNorm = Skipped
 
 
 @dataclass
 class FoldResult:
-    """What :func:`fold_norms_` did: ``folded`` norms and ``skipped`` norms with the reason."""
+    """What :func:`fold_norms_` did: ``folded`` norms and ``skipped`` norms (:class:`normscope.nn.Skipped`, the
+    type of :func:`normscope.convert`'s skipped items) with the reason."""
 
     folded: List[FoldedNorm] = field(default_factory=list)
     skipped: List[SkippedNorm] = field(default_factory=list)
@@ -46,7 +46,7 @@ class FoldResult:
         """A JSON-serializable dict."""
         return {"folded": [{"norm": f.norm, "consumers": list(f.consumers), "untied": list(f.untied)}
                            for f in self.folded],
-                "skipped": [{"norm": s.norm, "reason": s.reason} for s in self.skipped]}
+                "skipped": [{"norm": s.name, "module": s.module, "reason": s.reason} for s in self.skipped]}
 
 
 def _known_offset(layer: NormLayer) -> Optional[float]:
@@ -62,8 +62,12 @@ def _known_offset(layer: NormLayer) -> Optional[float]:
 
 
 def _probe_offset(layer: NormLayer) -> Tuple[Optional[float], str]:
-    """Run a module of unknown forward on a probe: which offset makes it ``norm(x) * (offset + weight) + bias``."""
-    kind, offset, reason = probe_norm(layer.module, layer.module.weight, layer.eps, kinds=(layer.kind,))
+    """Run a module of unknown forward on a probe: which offset makes it ``norm(x) * (offset + weight) + bias``.
+
+    The probes are laid out as the layer takes them (channels-first ``(N, C, ...)`` or trailing features), so that
+    a channels-first norm such as timm's ``LayerNorm2d`` is probed on its own layout."""
+    size = int(layer.normalized_shape[0]) if layer.normalized_shape else int(layer.module.weight.shape[0])
+    kind, offset, _, reason = probe_norm_dims(layer.module, size, layer.eps, kinds=(layer.kind,))
     if kind is None:
         return None, f"probing what it computes: {reason}"
     return offset, ""
@@ -105,7 +109,7 @@ def _fold_into(module: torch.nn.Module, gamma: torch.Tensor, beta: Optional[torc
     weight.copy_(new_w.to(weight.dtype))
 
 
-def _consumer_problem(model: torch.nn.Module, name: str, size: int) -> str:
+def _consumer_problem(model: torch.nn.Module, name: str, size: int, has_beta: bool = False) -> str:
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -120,6 +124,12 @@ def _consumer_problem(model: torch.nn.Module, name: str, size: int) -> str:
     in_features = weight.shape[1] if isinstance(module, torch.nn.Linear) else weight.shape[0]
     if in_features != size:
         return f"consumer {name} takes {in_features} input features, the norm normalizes {size}"
+    if has_beta and getattr(module, "bias", None) is None:
+        # Folding beta needs a bias the consumer was built without: a new parameter that the model's own
+        # save / load (save_pretrained + from_pretrained, or load_state_dict into a fresh instance) drops or
+        # rejects, so the reloaded model would silently compute something else.
+        return (f"consumer {name} has no bias to fold beta into (a bias added to it would not survive the model's "
+                "save / reload)")
     return ""
 
 
@@ -135,7 +145,8 @@ def fold_norms_(
     from the traced dataflow, which ``layer_norm`` / ``rms_norm`` layers feed only ``torch.nn.Linear`` /
     transformers ``Conv1D`` modules (each of which takes its input from that norm alone). For those,
     ``W' = W diag(gamma)`` and ``b' = b + W beta`` are computed in float64 and cast back to the parameter dtype
-    (a bias is created if needed), a consumer weight shared with another module (a tied ``lm_head``) is first
+    (a norm with a non-zero beta whose consumer has no bias is skipped: a bias added to the consumer would not
+    survive the model's own save / reload), a consumer weight shared with another module (a tied ``lm_head``) is first
     cloned into its own Parameter, and the norm is left computing the plain normalization: its ``weight`` is
     set to ones (``1 - weight_offset`` for Gemma-style modules) and its ``bias`` to zeros, in place, so the
     module class, eps and state-dict keys stay. Outputs are unchanged up to rounding in eval mode (dropout
@@ -181,10 +192,10 @@ def fold_norms_(
     for rep in report:
         layer = layers.get(rep.name)
         if layer is None:  # not expected: analyze and find_norm_layers see the same layers
-            result.skipped.append(SkippedNorm(rep.name, "not found as a normalization layer"))
+            result.skipped.append(Skipped(rep.name, "", "not found as a normalization layer"))
             continue
         if not rep.foldable:
-            result.skipped.append(SkippedNorm(rep.name, rep.fold_reason))
+            result.skipped.append(Skipped(rep.name, type(layer.module).__name__, rep.fold_reason))
             continue
         reason, consumers = "", []
         matmuls = [n for k, n in rep.consumers if k != "linear"]
@@ -196,8 +207,10 @@ def fold_norms_(
             reason = f"it normalizes over {len(shape)} dims; only 1-D normalized_shape is folded"
         if not reason:
             consumers = [n for _, n in rep.consumers]
+            bias = getattr(layer.module, "bias", None)
+            has_beta = isinstance(bias, torch.Tensor) and bool(bias.detach().any())
             for name in consumers:
-                reason = _consumer_problem(model, name, shape[0])
+                reason = _consumer_problem(model, name, shape[0], has_beta)
                 if not reason and not linear_inputs.get(name, set()) <= norm_nodes.get(rep.name, set()):
                     reason = f"consumer {name} is also called on inputs that do not come from this norm"
                 if reason:
@@ -215,7 +228,7 @@ def fold_norms_(
                     others = [a for a in aliases[id(p)] if not a.startswith(f"{rep.name}.")]
                     reason = f"its {attr} is shared with {others[0] if others else aliases[id(p)][1]}"
         if reason:
-            result.skipped.append(SkippedNorm(rep.name, reason))
+            result.skipped.append(Skipped(rep.name, type(layer.module).__name__, reason))
             continue
         plans.append((rep.name, layer, offset, consumers))
 

@@ -19,6 +19,7 @@ computation (primitive ops only; no norm operator).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import numbers
@@ -289,13 +290,18 @@ def _check_path(path) -> str:
         path = os.fsdecode(path)
     if not path:
         raise ValueError("Expected path to be a non-empty file path, but got ''")
+    from normscope._paths import check_output
+
     if os.path.isdir(path):
         raise ValueError(f"Expected path to be a file path, but got the directory {path!r}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"Expected path in an existing directory, but {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    problem = check_output(path)  # symbolic links resolved: a dangling link's directory, a loop
+    if problem == "permission denied":
         raise PermissionError(f"Expected a writable path, but cannot write {path!r}")
+    if problem:
+        raise ValueError(f"Expected a writable path, but cannot write {path!r}: {problem}")
     return path
 
 
@@ -417,9 +423,7 @@ def export_onnx(
     if not isinstance(verify, bool):
         raise TypeError(f"Expected verify to be a bool, but got {type(verify).__name__}")
     _require_onnx()
-    import onnx
 
-    warnings: List[str] = []
     layers = [layer for layer in find_norm_layers(model) if layer.kind in ("layer_norm", "rms_norm")]
     expected = len(layers)
 
@@ -428,6 +432,16 @@ def export_onnx(
         cache = Path(os.fspath(cache_dir)).expanduser()
         cached_file = cache / f"{_cache_key(model, args, kwargs, opset)}.onnx"
     cached = cached_file is not None and cached_file.is_file()
+    with _ExportFile(path) as work:  # written and checked in a temporary file, published at the end
+        report = _export_and_check(model, args, kwargs, work.file, opset, verify, cached_file, cached, expected)
+        work.publish()
+    return dataclasses.replace(report, path=path)
+
+
+def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cached, expected) -> ExportReport:
+    import onnx
+
+    warnings: List[str] = []
     with _eval_mode(model), torch.no_grad():
         if cached:
             shutil.copyfile(cached_file, path)
@@ -513,20 +527,46 @@ def _cache_key(model: torch.nn.Module, args: tuple, kwargs: dict, opset: int) ->
     return h.hexdigest()
 
 
+class _ExportFile:
+    """The temporary file an export is written to and checked in, then published at ``path`` with
+    :mod:`normscope._paths` (renamed over a regular file or a symbolic link's target, streamed to a FIFO,
+    a device or ``-``); removed with its directory on failure or Ctrl-C."""
+
+    def __init__(self, path: str):
+        import tempfile
+
+        from normscope._paths import resolve_output, work_dir
+
+        self.path = path
+        target = resolve_output(path)
+        self.dir = tempfile.mkdtemp(prefix=".normscope-export-", dir=work_dir(path))
+        name = os.path.basename(target.real) if target.kind == "file" else "model.onnx"
+        self.file = os.path.join(self.dir, name)
+
+    def __enter__(self) -> "_ExportFile":
+        return self
+
+    def publish(self) -> None:
+        from normscope._paths import move_output, work_dir
+
+        extra = [n for n in os.listdir(self.dir) if n != os.path.basename(self.file)]
+        directory = work_dir(self.path)
+        if extra and directory is not None:  # external data files (models over 2 GB) go next to the graph
+            for n in extra:
+                os.replace(os.path.join(self.dir, n), os.path.join(directory, n))
+        move_output(self.file, self.path)
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _cache_store(path: str, cached_file: Path) -> None:
     """Copy an exported file into the cache (atomically) and drop the least recently used entries."""
-    import tempfile
+    from normscope._paths import copy_output
 
     try:
         cached_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached_file.parent, suffix=".onnx.tmp")
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, cached_file)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        copy_output(path, cached_file)
         entries = sorted(cached_file.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[EXPORT_CACHE_ENTRIES:]:
             old.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -225,11 +226,16 @@ class _Analysis:
         if bad:
             return False, "its output also feeds " + ", ".join(f"{k} ({n})" for k, n in bad)
         names, tied = [], []
+        beta = getattr(layer.module, "bias", None)
+        has_beta = isinstance(beta, torch.Tensor) and bool(beta.detach().any())
         for kind, name in consumers:
             names.append(name)
             weight = name if kind == "matmul" else None
             if kind == "linear":
                 module = self.model.get_submodule(name)
+                if has_beta and getattr(module, "bias", None) is None:
+                    return False, (f"consumer {name} has no bias to fold beta into (a bias added to it would not "
+                                   "survive the model's save / reload)")
                 others = [a for a in self.aliases.get(id(module.weight), []) if a != f"{name}.weight"]
                 if others:
                     tied.append(f"{name} (weight tied to {others[0]})")
@@ -241,6 +247,30 @@ class _Analysis:
         if tied:
             reason += "; folding needs untying " + ", ".join(tied)
         return True, reason
+
+    def fold_axes(self, layer: NormLayer, calls) -> str:
+        """Why the normalized axis of ``layer`` is not the feature axis of its Linear consumers ("" if it is).
+
+        gamma scales the axes :attr:`NormLayer.norm_dims` of the norm's output; folding it into a Linear is right
+        only when those are the features the Linear reads: the trailing axis, or (for a channels-first norm) the
+        channel axis of an output with a single position per channel (``(N, C, 1, 1)`` then flattened)."""
+        size = int(layer.normalized_shape[0]) if layer.normalized_shape else None
+        dims = layer.norm_dims
+        for call in calls:
+            shape = call.out_shape
+            if shape is None or dims is None:
+                continue
+            if tuple(dims) == (1,) and len(shape) > 2 and math.prod(shape[2:]) != 1:
+                return (f"it normalizes the channel axis of a channels-first {tuple(shape)} output, which reaches its "
+                        "consumers with the spatial positions; only a trailing normalized axis (or a (N, C, 1, 1) "
+                        "output flattened) is folded")
+            for consumer in self.g.nodes[call.node].consumers:
+                node = self.g.nodes[consumer]
+                in_shape = node.meta.get("in_shape") if node.kind == "linear" else None
+                if in_shape and size is not None and in_shape[-1] != size:
+                    return (f"consumer {node.name} reads {in_shape[-1]} features per row, not the {size} normalized "
+                            "ones (the normalized axis is not its feature axis)")
+        return ""
 
     def _param(self, name: str) -> Optional[torch.Tensor]:
         try:
@@ -313,6 +343,10 @@ def analyze(
         consumers = list(dict.fromkeys(c for call_ in calls for c in analysis.consumers(call_.node)))
         producers = [] if call.input_node is None else [analysis.describe(call.input_node)]
         foldable, reason = analysis.fold(layer, consumers)
+        if foldable:
+            problem = analysis.fold_axes(layer, calls)
+            if problem:
+                foldable, reason = False, problem
         compute = _compute_dtype(layer, call)
         risks = []
         if compute in _REDUCED:

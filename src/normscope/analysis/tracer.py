@@ -67,6 +67,7 @@ class NormCall:
     input_dtype: Optional[torch.dtype]
     stat_dtypes: List[torch.dtype] = field(default_factory=list)
     fused: bool = False
+    out_shape: Optional[Tuple[int, ...]] = None
 
 
 @dataclass
@@ -204,9 +205,12 @@ class _Tracer(TorchFunctionMode):
             if kind == "linear":
                 weight = getattr(module, "weight", None)
                 meta["weight"] = self.param_names.get(id(weight), "")
+                meta["in_shape"] = tuple(tensors[0].shape) if tensors else None
             n = self.g.add(kind, name, inputs, **meta)
             if call is not None:
                 call.node = n
+                outs = [t for _, t in _tensors(output)]
+                call.out_shape = tuple(outs[0].shape) if outs else None
                 self.g.norm_calls.setdefault(name, []).append(call)
             for _, t in _tensors(output):
                 self.bind(t, n)

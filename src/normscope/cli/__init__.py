@@ -57,5 +57,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
+        from normscope._paths import remove_pending
+
+        remove_pending()  # a write cut short leaves no temporary file (its own cleanup normally did this)
         print("normscope: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `normscope audit --json - | head`: the reader left
+        _quiet_stdout()
+        return 141
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["UsageError", "load_model", "load_factory", "load_hf_directory", "failer"]
 
@@ -58,8 +58,11 @@ def _is_factory_spec(spec: str) -> bool:
     return bool(module) and "/" not in module and os.sep not in module
 
 
-def load_model(spec: str) -> Tuple[Any, Any, str]:
+def load_model(spec: str, *, example_inputs: bool = True) -> Tuple[Any, Any, str]:
     """``(model, example_inputs, description)`` for a factory spec or a Hugging Face directory.
+
+    With ``example_inputs=False`` (the caller has its own inputs) a Hugging Face directory's inputs are not
+    built from its config and are ``None``.
 
     Raises:
         UsageError: nonexistent path, a directory that is not a model, corrupt safetensors, an
@@ -73,7 +76,7 @@ def load_model(spec: str) -> Tuple[Any, Any, str]:
         raise UsageError(f"no such file or directory: {spec!r} (MODEL is package.module:factory or a model directory)")
     if not os.path.isdir(spec):
         raise UsageError(f"{spec!r} is not a directory (MODEL is package.module:factory or a model directory)")
-    return load_hf_directory(spec)
+    return load_hf_directory(spec, example_inputs=example_inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +181,82 @@ def _check_safetensors(path: str) -> None:
                          f"bytes but the file has {size}")
 
 
-def load_hf_directory(path: str) -> Tuple[Any, Any, str]:
+def hf_example_inputs(model, config, given: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Example inputs of a Hugging Face model built from its config: the model's main input (``input_ids``,
+    ``pixel_values``, ``input_features`` or ``input_values``, by ``model.main_input_name``) and, for an
+    encoder-decoder model, ``decoder_input_ids``; inputs already ``given`` are kept and only the missing ones
+    are added.
+
+    Raises:
+        UsageError: an input the forward needs cannot be built from the config (the message names it, to be
+            passed with ``--inputs``).
+    """
+    import inspect
+
+    import torch
+
+    inputs: Dict[str, Any] = dict(given or {})
+    gen = torch.Generator().manual_seed(0)
+    main = getattr(model, "main_input_name", None) or "input_ids"
+    kind = getattr(config, "model_type", None) or type(model).__name__
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+
+    def need(what: str) -> UsageError:
+        return UsageError(f"cannot build example inputs for this {kind} model from its config ({what}); pass "
+                          f"{main!r} with --inputs FILE.safetensors or .npz")
+
+    def sub(name: str):
+        value = getattr(config, name, None)
+        if value is None:
+            for nested in ("vision_config", "audio_config", "encoder"):
+                value = getattr(getattr(config, nested, None), name, None)
+                if value is not None:
+                    break
+        return value
+
+    def batch() -> int:
+        sizes = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        return int(sizes[0]) if sizes else 1
+
+    if not inputs:
+        if main == "input_ids":
+            vocab = sub("vocab_size")
+            if not isinstance(vocab, int) or vocab < 1:
+                raise need("its config has no vocab_size")
+            ids = torch.randint(0, min(vocab, 1000), (1, HF_SEQ_LEN), generator=gen, dtype=torch.long)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        elif main == "pixel_values":
+            size, channels = sub("image_size"), sub("num_channels") or 3
+            size = size[0] if isinstance(size, (list, tuple)) else size
+            if not isinstance(size, int) or size < 1:
+                raise need("its config has no image_size")
+            inputs = {"pixel_values": torch.randn(1, int(channels), size, size, generator=gen)}
+        elif main == "input_features":
+            mels, positions = sub("num_mel_bins"), sub("max_source_positions")
+            if not isinstance(mels, int) or not isinstance(positions, int):
+                raise need("its config has no num_mel_bins / max_source_positions")
+            # Whisper's encoder takes exactly 2 * max_source_positions frames (its second conv has stride 2)
+            inputs = {"input_features": torch.randn(1, mels, 2 * positions, generator=gen)}
+        elif main == "input_values":
+            inputs = {"input_values": torch.randn(1, 16000, generator=gen)}  # one second of 16 kHz audio
+        else:
+            raise need(f"its main input is {main!r}")
+    if ("decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False)
+            and inputs.get("decoder_input_ids") is None and inputs.get("decoder_inputs_embeds") is None):
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(config, "pad_token_id", None)
+        if not isinstance(start, int):
+            raise UsageError(f"cannot build decoder_input_ids for this {kind} model: its config has no "
+                             "decoder_start_token_id; pass 'decoder_input_ids' with --inputs FILE.safetensors or .npz")
+        inputs["decoder_input_ids"] = torch.full((batch(), 4), start, dtype=torch.long)
+    return inputs
+
+
+def load_hf_directory(path: str, *, example_inputs: bool = True) -> Tuple[Any, Any, str]:
     files = sorted(os.listdir(path))
     if "config.json" not in files:
         raise UsageError(f"{path!r} is not a model directory: no config.json (expected a Hugging Face model saved "
@@ -196,10 +274,10 @@ def load_hf_directory(path: str) -> Tuple[Any, Any, str]:
         import transformers
     except ImportError as e:
         raise UsageError(f"loading a Hugging Face model directory needs transformers: {_TRANSFORMERS_HINT}") from e
-    import torch
-
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # the CLI prints its own progress lines (none with --quiet)
     with _offline():
         try:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -211,14 +289,11 @@ def load_hf_directory(path: str) -> Tuple[Any, Any, str]:
             raise UsageError(f"cannot load the model in {path!r}: {_first_line(e)}") from e
         finally:
             transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache object in the outputs is not exportable
-    vocab = getattr(config, "vocab_size", None)
-    if not isinstance(vocab, int) or vocab < 1:
-        raise UsageError(f"cannot build example inputs for {path!r}: its config has no vocab_size")
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, min(vocab, 1000), (1, HF_SEQ_LEN), generator=gen, dtype=torch.long)
-    example_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     kind = getattr(config, "model_type", None) or "unknown"
-    return model, example_inputs, f"{path} ({type(model).__name__}, model_type {kind})"
+    inputs = hf_example_inputs(model, config) if example_inputs else None
+    return model, inputs, f"{path} ({type(model).__name__}, model_type {kind})"

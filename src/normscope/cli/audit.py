@@ -49,9 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="inputs: .txt (sentences), .safetensors or .npz (named tensors)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="run the model in this dtype")
     p.add_argument("--report", metavar="PATH.html", default=DEFAULT_REPORT,
-                   help=f"the HTML report to write (default: {DEFAULT_REPORT})")
+                   help=f"the HTML report to write ('-': standard output; default: {DEFAULT_REPORT})")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the full result as JSON")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the full result as JSON ('-': standard output, the summary goes to stderr)")
     p.add_argument("--baseline", metavar="PATH", default=None,
                    help="compare layer input variance with a monitor snapshot or a previous audit's --json")
     p.add_argument("--skip", action="append", default=[], choices=[s for s in STEPS if s not in ("analysis",)],
@@ -59,6 +60,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset of the export check (>= 17)")
     p.add_argument("--no-cache", action="store_true",
                    help="export again even when the export cache holds this model's graph")
+    p.add_argument("--mlflow-uri", metavar="URI", default=None,
+                   help="log the audit to this MLflow tracking URI (e.g. sqlite:///mlflow.db): findings as metrics, "
+                        "the JSON, report, normalization config and an output baseline as artifacts "
+                        "(pip install 'normscope[mlflow]')")
+    p.add_argument("--register", metavar="NAME", default=None,
+                   help="with --mlflow-uri (or MLFLOW_TRACKING_URI): register a new version of model NAME, tagged "
+                        "normscope.audit=pass|warn|fail and normscope.fingerprint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(run=run, prog=p.prog)
@@ -107,6 +115,12 @@ def _check_writable(path: str, what: str) -> None:
     problem = _check_out(path)
     if problem:
         raise _Usage(problem.replace("OUT.onnx", what))
+
+
+def _same_stdout(a: str, b: str) -> bool:
+    from normscope._paths import is_stdout
+
+    return is_stdout(a) and is_stdout(b)
 
 
 def _load_text_file(path: str) -> List[str]:
@@ -204,10 +218,11 @@ def _load(args) -> Tuple[Any, Any, str, str, str]:
     from normscope.cli._models import load_model
 
     try:
-        model, inputs, description = load_model(args.model)
+        model, inputs, description = load_model(args.model, example_inputs=sentences is None and tensors is None)
     except UsageError as e:
         raise _Usage(str(e)) from e
     is_dir = os.path.isdir(args.model)
+    takes_ids = getattr(model, "main_input_name", "input_ids") == "input_ids"
     if sentences is not None:
         tokenizer = _hf_tokenizer(args.model) if is_dir else None
         if tokenizer is None:
@@ -221,7 +236,7 @@ def _load(args) -> Tuple[Any, Any, str, str, str]:
         desc = f"{len(sentences)} sentence{'s' if len(sentences) != 1 else ''}"
     elif tensors is not None:
         inputs, desc = tensors, f"tensors from {os.path.basename(args.inputs)}"
-    elif is_dir and _hf_tokenizer(args.model) is not None:
+    elif is_dir and takes_ids and _hf_tokenizer(args.model) is not None:
         from normscope.demo import SENTENCES, tokenize
 
         inputs = tokenize(_hf_tokenizer(args.model), list(SENTENCES))
@@ -230,6 +245,13 @@ def _load(args) -> Tuple[Any, Any, str, str, str]:
         desc = f"{len(SENTENCES)} built-in sentences"
     else:
         desc = None
+    if is_dir and isinstance(inputs, dict):  # what the forward needs besides the given inputs (decoder_input_ids)
+        from normscope.cli._models import hf_example_inputs
+
+        try:
+            inputs = hf_example_inputs(model, model.config, given=inputs)
+        except UsageError as e:
+            raise _Usage(str(e)) from e
     name = os.path.basename(os.path.normpath(args.model)) if is_dir else args.model
     return model, inputs, name, description, desc
 
@@ -250,15 +272,15 @@ def _json_default(o):
 
 
 def write_json(result: dict, path: str) -> None:
-    """Write the audit result as JSON (non-finite floats as ``Infinity`` / ``NaN``, as Python's json)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1, default=_json_default)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write the audit result as JSON (non-finite floats as ``Infinity`` / ``NaN``, as Python's json).
+
+    ``path`` is written with :func:`normscope._paths.open_output`: atomically for a regular file (through
+    symbolic links), directly for a FIFO, a device or ``-`` (standard output)."""
+    from normscope._paths import open_output
+
+    text = json.dumps(result, indent=1, default=_json_default) + "\n"
+    with open_output(path) as f:
+        f.write(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -274,6 +296,16 @@ def run(args: argparse.Namespace) -> int:
             _check_writable(args.report, "the report")
         if args.json:
             _check_writable(args.json, "the JSON")
+        if args.json and not args.no_report and _same_stdout(args.json, args.report):
+            raise _Usage("--json - and --report - both ask for standard output; give one of them a file")
+        mlflow_on = getattr(args, "mlflow_uri", None) is not None or getattr(args, "register", None) is not None
+        if mlflow_on:
+            if args.mlflow_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+                raise _Usage("--register needs --mlflow-uri URI (or MLFLOW_TRACKING_URI)")
+            try:
+                import normscope.integrations.mlflow  # noqa: F401
+            except ImportError as e:
+                raise _Usage(str(e)) from e
         baseline = None
         if args.baseline is not None:
             from normscope.audit import load_baseline
@@ -304,13 +336,20 @@ def run(args: argparse.Namespace) -> int:
     except _Usage as e:
         return fail(str(e))
 
-    sys.stdout.write(summary_text(result))
+    # when standard output carries the JSON or the report, the summary and status lines go to stderr
+    from normscope._paths import is_stdout
+
+    data_on_stdout = is_stdout(args.json) or (not args.no_report and is_stdout(args.report))
+    status = sys.stderr if data_on_stdout else sys.stdout
+    status.write(summary_text(result))
+    status.flush()
     if args.json:
         try:
             write_json(result, args.json)
         except OSError as e:
             return fail(f"cannot write the JSON {args.json!r}: {e.strerror or e}")
-        print(f"wrote {args.json}")
+        if not is_stdout(args.json):
+            print(f"wrote {args.json}", file=status)
     if not args.no_report:
         try:
             from normscope.report import write_html
@@ -318,7 +357,21 @@ def run(args: argparse.Namespace) -> int:
             write_html(result, args.report)
         except OSError as e:
             return fail(str(e) if e.strerror is None else f"cannot write the report {args.report!r}: {e.strerror}")
-        print(f"wrote {args.report}")
+        if not is_stdout(args.report):
+            print(f"wrote {args.report}", file=status)
+    if mlflow_on:
+        from normscope.audit import _cast_inputs
+        from normscope.integrations.mlflow import log_audit
+
+        try:
+            logged = log_audit(result, model=model, example_inputs=_cast_inputs(inputs, dtype) if dtype else inputs,
+                               tracking_uri=args.mlflow_uri, register=args.register)
+        except Exception as e:  # noqa: BLE001 - one line, the audit itself is done
+            return fail(f"cannot log to MLflow {args.mlflow_uri or os.environ.get('MLFLOW_TRACKING_URI')!r}: "
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        where = f", registered {logged.model_name} version {logged.model_version}" if logged.model_version else ""
+        print(f"logged to MLflow run {logged.run_id}: audit {logged.status}, fingerprint {logged.fingerprint}"
+              f"{where}", file=status)
     sys.stdout.flush()
     return int(result["exit_code"])
 

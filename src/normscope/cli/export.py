@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 
 HELP = "export a model to ONNX, count its norm operators and check it under onnxruntime"
@@ -40,18 +39,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_out(path: str) -> str:
-    """The output path, or a one-line complaint."""
+    """The output path, or a one-line complaint (symbolic links resolved; FIFOs, devices and ``-`` accepted)."""
+    from normscope._paths import check_output
+
     if not path:
         return "OUT.onnx must be a non-empty path"
-    if os.path.isdir(path):
-        return f"cannot write {path!r}: it is a directory"
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        what = "is not a directory" if os.path.exists(parent) else "does not exist"
-        return f"cannot write {path!r}: {parent!r} {what}"
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return f"cannot write {path!r}: permission denied"
-    return ""
+    problem = check_output(path)
+    return f"cannot write {path!r}: {problem}" if problem else ""
 
 
 def _missing_onnx() -> list:
@@ -117,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - the exporter failed on this model
         line = (str(e).strip().splitlines() or [""])[0]
         return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
-    sys.stdout.write(summary(report, description))
-    sys.stdout.flush()
+    from normscope._paths import is_stdout
+
+    status = sys.stderr if is_stdout(args.out) else sys.stdout  # the ONNX file itself may be on stdout
+    status.write(summary(report, description))
+    status.flush()
     return 0 if report.ok else 1

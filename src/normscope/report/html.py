@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -528,7 +527,7 @@ class _Report:
     def plot_profile(self) -> str:
         title = "Where the forward time goes"
         how = ("the bar splits one forward pass into normalization and everything else; the chart below it lists "
-               "the most expensive operators.")
+               "the most expensive operators, each with its share of that forward time.")
         p = self.r.get("profile")
         if not isinstance(p, Mapping):
             return self.figure("fig-profile", title, how, self.missing("profile", "profil"))
@@ -715,38 +714,23 @@ def render_html(result: Dict[str, Any]) -> str:
 def write_html(result: Dict[str, Any], path) -> None:
     """Render ``result`` (see :func:`render_html`) and write it to ``path`` atomically.
 
-    The page is rendered first, written to a temporary file in the same directory, then moved over
-    ``path`` with :func:`os.replace`: an existing file is left untouched when rendering or writing fails.
+    The page is rendered first, then written with :func:`normscope._paths.open_output`: to a temporary
+    file in the same directory, moved over ``path`` with :func:`os.replace` (an existing file is left
+    untouched when rendering or writing fails); a symbolic link's target is written, the link kept; a
+    FIFO, a device or ``-`` (standard output) is written directly.
 
     Raises:
         PermissionError / OSError: ``path`` cannot be written; the message names it.
     """
+    from normscope._paths import open_output
+
     text = render_html(result)
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot write the report to {path!r}: it is a directory")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".normscope-report-", suffix=".html.tmp", dir=directory)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"cannot write the report to {path!r}: directory {directory!r} does not exist") \
-            from exc
-    except PermissionError as exc:
-        raise PermissionError(f"cannot write the report to {path!r}: permission denied in {directory!r}") from exc
-    except OSError as exc:
-        raise OSError(f"cannot write the report to {path!r}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open_output(path) as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         if isinstance(exc, PermissionError):
-            raise PermissionError(f"cannot write the report to {path!r}: permission denied") from exc
-        if isinstance(exc, OSError):
-            raise OSError(f"cannot write the report to {path!r}: {exc.strerror or exc}") from exc
-        raise
+            reason = "permission denied"
+        raise type(exc)(f"cannot write the report to {path!r}: {reason}") from exc

@@ -78,13 +78,14 @@ def screenshot(html_path, png_path, *, width: int = 1400, height: int = 2400, ch
 
     Args:
         html_path: the page to render.
-        png_path: the PNG file to write (its directory must exist).
+        png_path: the PNG file to write (its directory must exist; a symbolic link writes its target, a FIFO
+            or a device is written directly).
         width, height: the browser window size in CSS pixels (device scale factor 1). Default: 1400 x 2400.
         chromium: the browser binary (default: see :func:`find_chromium`).
         timeout: seconds before the browser is given up on. Default: 60.
 
     Returns:
-        The PNG path (absolute).
+        The PNG path (absolute; a symbolic link's target).
 
     Raises:
         FileNotFoundError: no Chromium, or ``html_path`` does not exist.
@@ -95,15 +96,21 @@ def screenshot(html_path, png_path, *, width: int = 1400, height: int = 2400, ch
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"Expected {name} to be a positive int, but got {v!r}")
     binary = find_chromium(chromium)
+    from normscope._paths import move_output, resolve_output, work_dir
+
     _, url = _page_url(html_path)
-    out = Path(png_path).resolve()
-    if out.exists():
-        out.unlink()
-    proc = _run(binary, [f"--screenshot={out}", f"--window-size={width},{height}", url], timeout)
-    if proc.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
-        raise RuntimeError(f"Chromium failed to write {str(out)!r} (exit status {proc.returncode}): "
-                           f"{_tail(proc.stderr)}")
-    return out
+    target = resolve_output(png_path)  # a directory, a missing directory or a link loop fails here
+    out = Path(os.path.abspath(png_path))
+    # Chromium writes into a temporary directory; the PNG is then published at png_path (renamed over a
+    # regular file or a symbolic link's target, streamed to a FIFO or device): never a half-written file
+    with tempfile.TemporaryDirectory(prefix=".normscope-screenshot-", dir=work_dir(png_path)) as d:
+        shot = Path(d) / "screenshot.png"
+        proc = _run(binary, [f"--screenshot={shot}", f"--window-size={width},{height}", url], timeout)
+        if proc.returncode != 0 or not shot.is_file() or shot.stat().st_size == 0:
+            raise RuntimeError(f"Chromium failed to write {str(out)!r} (exit status {proc.returncode}): "
+                               f"{_tail(proc.stderr)}")
+        move_output(shot, png_path)
+    return Path(target.real) if target.kind == "file" else out
 
 
 def dump_dom(html_path, *, chromium: Optional[str] = None, timeout: float = _TIMEOUT_S) -> str:

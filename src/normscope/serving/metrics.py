@@ -66,6 +66,10 @@ LABELS: Dict[str, Tuple[str, str]] = {
     "model_version": ("version of the served model (the baseline the drift is measured against belongs to it)",
                       "the versions live in the process: 1, 2 during a reload"),
     "version": ("normscope version (``normscope.__version__``)", "1"),
+    "fingerprint": ("fingerprint of the served model's normalization config (kind, eps, affine, shapes, dtypes "
+                    "and, when computed with example inputs, placement of each norm layer; "
+                    "``normscope.serving.config``), or ``unknown`` when the wrapped callable is not an nn.Module",
+                    "1 per model version"),
     "reason": ("why a request failed: " + ", ".join(FAILURE_REASONS), str(len(FAILURE_REASONS))),
     "metric": ("drift measure: " + ", ".join(DRIFT_METRICS), str(len(DRIFT_METRICS))),
     "statistic": ("output column of the drift baseline: a row summary (row_norm, row_cosine) or, for outputs "
@@ -212,8 +216,12 @@ _SERVING = (
            "Distance of a norm layer's gamma (weight) or beta (bias) in the served model from the model "
            "version's reference parameters (the unquantized training checkpoint), computed at load", "serving",
            label_values=(("param", ("weight", "bias")), ("stat", _DRIFT_STATS))),
-    Metric("normscope_build_info", "gauge", ("version",) + _MV, "1",
-           "Always 1; the labels say which normscope version serves which model version", "serving"),
+    Metric("normscope_build_info", "gauge", ("version",) + _MV + ("fingerprint",), "1",
+           "Always 1; the labels say which normscope version serves which model version, and the fingerprint of "
+           "the normalization config of the model actually loaded", "serving"),
+    Metric("normscope_config_mismatch", "gauge", _MV, "1",
+           "1 when the fingerprint of the served model's normalization config differs from the one registered with "
+           "the model version (its audit), 0 when they agree; absent when no registered config was given", "serving"),
     Metric("process_resident_memory_bytes", "gauge", (), "bytes",
            "Resident memory size of the serving process (prometheus_client's process collector, Linux)", "process"),
     Metric("process_cpu_seconds_total", "counter", (), "seconds",

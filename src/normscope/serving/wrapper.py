@@ -279,6 +279,23 @@ def param_drift(module: torch.nn.Module, reference: Any) -> Dict[Tuple[str, str]
     return out
 
 
+def _expected_fingerprint(expected: Any) -> Optional[str]:
+    """The fingerprint of ``expected_config``: the str itself, or that of a norm_config dict; None for None."""
+    if expected is None:
+        return None
+    if isinstance(expected, str):
+        if len(expected) != 16 or any(c not in "0123456789abcdef" for c in expected):
+            raise ValueError(f"Expected expected_config to be a fingerprint of 16 lowercase hex digits or a "
+                             f"normalization config dict, but got {expected!r}")
+        return expected
+    if isinstance(expected, Mapping):
+        from .config import config_fingerprint
+
+        return config_fingerprint(dict(expected))
+    raise TypeError(f"Expected expected_config to be a normalization config dict or its fingerprint (str), but got "
+                    f"{type(expected).__name__}")
+
+
 # Metric objects per registry, shared by the wrappers of one registry (model versions side by side).
 _REGISTRY_METRICS: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
@@ -364,6 +381,18 @@ class InstrumentedModel:
         monitor_flush_every: flush the monitor (update its metrics) after this many sampled calls.
             Default: 10.
         inference_mode: run an ``nn.Module`` under ``torch.inference_mode()``. Default: True.
+        expected_config: the normalization config registered with this model version (a
+            :func:`normscope.serving.config.norm_config` dict, e.g. from
+            :func:`normscope.integrations.mlflow.load_registered`) or its fingerprint (a str). The wrapper
+            computes the config of the model it serves and sets ``normscope_config_mismatch`` to 1 (and warns,
+            naming the differences when a dict was given) when the fingerprints differ, else to 0. Needs an
+            ``nn.Module``. Default: None (no ``normscope_config_mismatch`` series).
+        config_inputs: example inputs for the served model's config (input dtypes, compute dtypes and
+            placement of the norm layers; one forward pass at construction). Required when
+            ``expected_config`` was computed with inputs (``with_inputs``); default: the static config.
+
+    The label ``fingerprint`` of ``normscope_build_info`` is the fingerprint of the served model's config
+    (``unknown`` when ``fn`` is not an ``nn.Module``), in :attr:`fingerprint`; the config is in :attr:`config`.
 
     Example::
 
@@ -392,6 +421,8 @@ class InstrumentedModel:
         monitor_every: Optional[int] = 100,
         monitor_flush_every: int = 10,
         inference_mode: bool = True,
+        expected_config: Any = None,
+        config_inputs: Any = None,
     ):
         if not callable(fn):
             raise TypeError(f"Expected fn to be callable (a function or an nn.Module), but got {type(fn).__name__}")
@@ -416,6 +447,13 @@ class InstrumentedModel:
         if reference is not None and not is_module:
             raise ValueError("Expected fn to be an nn.Module when reference is given, but got "
                              f"{type(fn).__name__}")
+        if (expected_config is not None or config_inputs is not None) and not is_module:
+            raise ValueError("Expected fn to be an nn.Module when expected_config or config_inputs is given, but got "
+                             f"{type(fn).__name__}")
+        expected_fp = _expected_fingerprint(expected_config)
+        if isinstance(expected_config, Mapping) and expected_config.get("with_inputs") and config_inputs is None:
+            raise ValueError("Expected config_inputs (example inputs of the served model) since the expected_config "
+                             "was computed with example inputs (with_inputs=True), but got None")
 
         prom = _prometheus()
         self.fn = fn
@@ -439,7 +477,25 @@ class InstrumentedModel:
         self._nonfinite = m["normscope_output_nonfinite_total"].labels(*mv)
         from normscope import __version__
 
-        m["normscope_build_info"].labels(__version__, *mv).set(1)
+        # the normalization config of the model actually served, against the registered one
+        self.config: Optional[Dict[str, Any]] = None
+        self.fingerprint = "unknown"
+        self.config_mismatch: Optional[bool] = None
+        if is_module:
+            from .config import config_differences, config_fingerprint, norm_config
+
+            self.config = norm_config(fn, config_inputs)
+            self.fingerprint = config_fingerprint(self.config)
+        m["normscope_build_info"].labels(__version__, *mv, self.fingerprint).set(1)
+        if expected_fp is not None:
+            self.config_mismatch = expected_fp != self.fingerprint
+            m["normscope_config_mismatch"].labels(*mv).set(int(self.config_mismatch))
+            if self.config_mismatch:
+                diff = config_differences(dict(expected_config), self.config) if isinstance(expected_config,
+                                                                                          Mapping) else []
+                warnings.warn(f"the normalization config of model {model!r} version {model_version!r} differs from "
+                              f"the registered one: fingerprint {self.fingerprint} != {expected_fp}"
+                              + (f" ({'; '.join(diff)})" if diff else ""), UserWarning, stacklevel=2)
 
         # gamma/beta against the reference, once
         self.param_drift: Dict[Tuple[str, str], Dict[str, float]] = {}
@@ -699,7 +755,9 @@ class InstrumentedModel:
                                         "normscope_output_nonfinite_total", "normscope_prediction_drift_share",
                                         "normscope_prediction_drift_window_samples")]
         sets += [("normscope_inference_failures_total", mv + (r,)) for r in FAILURE_REASONS]
-        sets.append(("normscope_build_info", (__version__,) + mv))
+        sets.append(("normscope_build_info", (__version__,) + mv + (self.fingerprint,)))
+        if self.config_mismatch is not None:
+            sets.append(("normscope_config_mismatch", mv))
         if self._window is not None:
             sets += [("normscope_prediction_drift", mv + (k, c)) for k in ("psi", "js") for c in self._drift_columns]
         sets += [("normscope_layer_param_drift", mv + (layer, pname, stat))
