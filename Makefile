@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements/torch-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/torch-cpu.txt
+	$(PY) -m pip install --quiet --retries 1 -r requirements/torch-cpu.txt  # one retry: where PyTorch's index is unreachable, pip falls through to the other sources at once
 	$(PY) -m pip install --quiet -e '.[dev,gpu]'
 	touch $@
 

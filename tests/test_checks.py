@@ -319,10 +319,17 @@ def test_eps_1e12_passes_in_float32_and_bfloat16():
     assert checks.assert_eps_safe(model, torch.bfloat16).layers[0].problem == ""  # bf16 has float32's range
 
 
-def test_eps_none_rmsnorm_uses_finfo_eps():
-    res = checks.assert_eps_safe(torch.nn.RMSNorm(8), torch.float16)
-    assert res.layers[0].eps is None and res.layers[0].effective_eps == torch.finfo(torch.float16).eps
-    assert "finfo(float16).eps" in res.notes[0]
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_eps_none_rmsnorm_uses_the_eps_torch_adds(dtype):
+    res = checks.assert_eps_safe(torch.nn.RMSNorm(8), dtype)
+    # what torch adds, measured on a row whose mean square is far below every candidate eps
+    x = torch.full((1, 8), 1e-6, dtype=dtype)
+    ms = x.double().pow(2).mean()
+    y = torch.nn.RMSNorm(8).to(dtype)(x).double()[0, 0]
+    added = (x.double()[0, 0] / y) ** 2 - ms
+    assert res.layers[0].eps is None
+    torch.testing.assert_close(torch.tensor(res.layers[0].effective_eps, dtype=torch.float64), added,
+                               rtol=0.05, atol=0)
 
 
 def test_eps_zero_fails_in_any_dtype():

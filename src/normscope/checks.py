@@ -716,7 +716,8 @@ def assert_eps_safe(model: torch.nn.Module, dtype: torch.dtype) -> EpsCheckResul
     r"""Assert that every normalization layer's eps survives in ``dtype``, the dtype the model runs in.
 
     The layers are those :func:`normscope.discovery.find_norm_layers` finds. The eps a layer adds is its ``eps``,
-    or ``torch.finfo(dtype).eps`` for ``torch.nn.RMSNorm(eps=None)`` (always safe). A layer **fails** when:
+    or, for ``torch.nn.RMSNorm(eps=None)``, the epsilon torch adds (float32's for 16-bit inputs; always safe).
+    A layer **fails** when:
 
     - its eps is 0, negative or not finite: a zero-variance row (a constant or all-zero vector, a padded
       position) divides by ``sqrt(0)`` and gives inf / NaN in any dtype;
@@ -793,7 +794,8 @@ def eps_safety(model: torch.nn.Module, dtype: torch.dtype) -> List[EpsLayer]:
         eps = effective_eps(layer, dtype)
         note = ""
         if layer.eps is None:
-            note = f"eps=None: adds torch.finfo({name}).eps = {eps:g}"
+            added = "float32" if torch.finfo(dtype).bits < 32 else name
+            note = f"eps=None: adds torch.finfo({added}).eps = {eps:g}"
         if layer.duck_typed:
             compute, note = _probe_compute_dtype(layer, dtype)
         else:

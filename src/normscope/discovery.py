@@ -349,7 +349,14 @@ def find_norm_layers(
 
 
 def effective_eps(layer: NormLayer, dtype: torch.dtype) -> float:
-    """The epsilon ``layer`` adds for inputs of ``dtype`` (``finfo(dtype).eps`` when ``eps`` is None)."""
+    """The epsilon ``layer`` adds for inputs of ``dtype``.
+
+    With ``eps=None`` (``torch.nn.RMSNorm``'s default) torch adds ``finfo(float32).eps`` for float16 and bfloat16
+    inputs (it computes them in float32) and ``finfo(dtype).eps`` for float32 and float64 inputs.
+    """
     if layer.eps is not None:
         return layer.eps
-    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else math.nan
+    if not dtype.is_floating_point:
+        return math.nan
+    compute = torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+    return float(torch.finfo(compute).eps)
