@@ -266,12 +266,7 @@ def open_output(path: PathLike, mode: str = "w", *, encoding: str = "utf-8",
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
         _PENDING.add(tmp)
-        if target.st is not None:
-            os.fchmod(fd, stat.S_IMODE(target.st.st_mode))
-            with contextlib.suppress(OSError):
-                os.fchown(fd, target.st.st_uid, target.st.st_gid)
-        else:
-            os.fchmod(fd, 0o666 & ~_umask())
+        _take_mode(fd, target)
         with _wrap(os.fdopen(fd, "wb"), mode, encoding, newline) as f:
             yield f
             f.flush()
@@ -284,6 +279,17 @@ def open_output(path: PathLike, mode: str = "w", *, encoding: str = "utf-8",
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             _PENDING.discard(tmp)
+
+
+def _take_mode(where: Union[int, str], target) -> None:
+    """Give the file ``where`` (a descriptor or a path) the mode and owner of the file it replaces, or, for a
+    new file, ``0o666`` less the umask."""
+    if target.st is not None:
+        os.chmod(where, stat.S_IMODE(target.st.st_mode))
+        with contextlib.suppress(OSError):
+            os.chown(where, target.st.st_uid, target.st.st_gid)
+    else:
+        os.chmod(where, 0o666 & ~_umask())
 
 
 def write_output(path: PathLike, data: Union[str, bytes], *, encoding: str = "utf-8") -> None:
@@ -328,12 +334,7 @@ def move_output(src: PathLike, path: PathLike) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if target.st is not None:
-                os.chmod(src, stat.S_IMODE(target.st.st_mode))
-                with contextlib.suppress(OSError):
-                    os.chown(src, target.st.st_uid, target.st.st_gid)
-            else:
-                os.chmod(src, 0o666 & ~_umask())
+            _take_mode(src, target)
             os.replace(src, target.real)
             return
     copy_output(src, path)
