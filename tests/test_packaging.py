@@ -40,3 +40,19 @@ def test_the_workflow_runs_what_ci_runs():
         assert cmd in runs, f"Expected the workflow to run {cmd!r} like .ci/run, but got: {runs}"
     assert wf["jobs"]["test"]["env"]["CI"] == "true"
     assert wf["jobs"]["gpu"]["if"] == "github.event_name == 'workflow_dispatch'"
+
+
+def test_python_classifiers_are_the_versions_the_workflow_checks():
+    import re
+
+    tomllib = __import__("tomllib") if sys.version_info >= (3, 11) else __import__("tomli")
+    yaml = __import__("yaml")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pattern = re.compile(r"Programming Language :: Python :: (3\.\d+)")
+    found = (pattern.fullmatch(c) for c in project["classifiers"])
+    classified = sorted((m.group(1) for m in found if m), key=lambda v: tuple(map(int, v.split("."))))
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    checked = wf["jobs"]["python-versions"]["strategy"]["matrix"]["python"]
+    assert classified == checked, f"Expected classifiers for the checked Pythons {checked}, but got {classified}"
+    assert project["requires-python"] == f">={classified[0]}"
+    assert "Typing :: Typed" in project["classifiers"]  # py.typed ships in the wheel (test above)

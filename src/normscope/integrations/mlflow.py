@@ -23,7 +23,10 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+if TYPE_CHECKING:
+    from normscope.serving import InstrumentedModel
 
 try:
     import mlflow
@@ -309,8 +312,9 @@ def load_registered(name: str, version: Any, *, tracking_uri: Optional[str] = No
                            status=tags.get(f"{_TAG}audit", ""), fingerprint=fp, config=config, baseline=baseline)
 
 
-def instrument_registered(module, name: str, version: Any, *, tracking_uri: Optional[str] = None,
-                          registry_uri: Optional[str] = None, config_inputs: Any = None, **kwargs):
+def instrument_registered(module: Callable[..., Any], name: str, version: Any, *,
+                          tracking_uri: Optional[str] = None, registry_uri: Optional[str] = None,
+                          config_inputs: Any = None, **kwargs: Any) -> "InstrumentedModel":
     """:func:`normscope.serving.instrument` ``module`` as registered model ``name`` version ``version``.
 
     The wrapper gets the version's baseline (unless ``baseline`` is in ``kwargs``) and its normalization config

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 _Shape = Union[int, Sequence[int], torch.Size]
+_OptTensor = Optional[torch.Tensor]
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -273,13 +274,20 @@ def _affine(y, weight, bias, acc):
     return y
 
 
-def layer_norm_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm_ref(
+    x: torch.Tensor, normalized_shape: _Shape, weight: _OptTensor = None, bias: _OptTensor = None, eps: float = 1e-5
+) -> torch.Tensor:
     """Reference LayerNorm: float32 (or float64) two-pass statistics, output in ``x.dtype``."""
     y = _stats_norm(x, _dims(x, normalized_shape), eps, rms=False)
     return _affine(y, weight, bias, y.dtype).to(x.dtype)
 
 
-def rms_norm_ref(x, normalized_shape, weight=None, eps=None):
+def rms_norm_ref(
+    x: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: _OptTensor = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
     """Reference RMSNorm; ``eps=None`` means the epsilon of the accumulation dtype, as in torch:
     ``torch.finfo(torch.float32).eps`` for 16- and 32-bit input, float64's for float64."""
     if eps is None:
@@ -294,13 +302,26 @@ def _add(x, residual):
     return (x.to(acc) + residual.to(acc)).to(h_dtype)
 
 
-def add_layer_norm_ref(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+def add_layer_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: _OptTensor = None,
+    bias: _OptTensor = None,
+    eps: float = 1e-5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``h = x + residual; y = layer_norm(h)``; returns ``(y, h)``, ``y`` in x's dtype."""
     h = _add(x, residual)
     return layer_norm_ref(h, normalized_shape, weight, bias, eps).to(x.dtype), h
 
 
-def add_rms_norm_ref(x, residual, normalized_shape, weight=None, eps=None):
+def add_rms_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: _OptTensor = None,
+    eps: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``h = x + residual; y = rms_norm(h)``; returns ``(y, h)``, ``y`` in x's dtype."""
     h = _add(x, residual)
     if eps is None:
@@ -308,7 +329,14 @@ def add_rms_norm_ref(x, residual, normalized_shape, weight=None, eps=None):
     return rms_norm_ref(h, normalized_shape, weight, eps).to(x.dtype), h
 
 
-def masked_layer_norm_ref(x, mask, normalized_shape, weight=None, bias=None, eps=1e-5):
+def masked_layer_norm_ref(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: _OptTensor = None,
+    bias: _OptTensor = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """Reference masked LayerNorm: statistics over ``mask``-True elements; 0 where False."""
     m = mask.expand(x.shape)
     y = _stats_norm(x, _dims(x, normalized_shape), eps, rms=False, m=m)
@@ -316,7 +344,13 @@ def masked_layer_norm_ref(x, mask, normalized_shape, weight=None, bias=None, eps
     return y.to(x.dtype)
 
 
-def masked_rms_norm_ref(x, mask, normalized_shape, weight=None, eps=None):
+def masked_rms_norm_ref(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: _OptTensor = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
     """Reference masked RMSNorm: mean square over ``mask``-True elements; 0 where False."""
     if eps is None:
         eps = torch.finfo(acc_dtype(x.dtype)).eps
