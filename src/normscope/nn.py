@@ -21,7 +21,8 @@ from torch import Tensor
 from normscope import functional as F
 from normscope.discovery import probe_rms_style
 
-__all__ = ["LayerNorm", "RMSNorm", "convert", "ConvertResult", "Replacement", "Skipped"]
+__all__ = ["LayerNorm", "RMSNorm", "convert", "ConvertResult", "Replacement", "Skipped",
+           "LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,3 +263,7 @@ def convert(
         _set_submodule(model, name, new)
         result.replaced.append(Replacement(name, cls.__name__, RMSNorm.__name__))
     return result
+
+
+# Layer-normalized recurrent layers (normscope.recurrent), public here with the other modules.
+from normscope.recurrent import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell  # noqa: E402

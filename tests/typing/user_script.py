@@ -119,6 +119,14 @@ def ops() -> None:
     m2: torch.Tensor = normscope.masked_rms_norm(x, mask, 16, w)
     ln: torch.nn.Module = normscope.nn.LayerNorm(16)
     rms: torch.nn.Module = normscope.nn.RMSNorm(16, weight_offset=1.0)
+    lstm = normscope.nn.LayerNormLSTM(16, 8, batch_first=True, bidirectional=True)
+    seq, (h_n, c_n) = lstm(x, lengths=torch.tensor([8, 5, 3, 1]))
+    gru = normscope.nn.LayerNormGRU(16, 8)
+    seq2, g_n = gru(x.transpose(0, 1))
+    h1, c1 = normscope.nn.LayerNormLSTMCell(16, 8)(x[:, 0])
+    g1: torch.Tensor = normscope.nn.LayerNormGRUCell(16, 8)(x[:, 0], h1)
+    print("recurrent:", tuple(seq.shape), tuple(h_n.shape), tuple(c_n.shape), tuple(seq2.shape), tuple(g_n.shape),
+          tuple(c1.shape), tuple(g1.shape))
     outs = [y, r, s[0], s[1], t[0], t[1], m1, m2, ln(x), rms(x)]
     if not all(bool(torch.isfinite(o).all()) for o in outs):
         raise RuntimeError("Expected finite outputs from every op")

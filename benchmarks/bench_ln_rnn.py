@@ -1,0 +1,116 @@
+"""LN-LSTM / LN-GRU speed: normscope.nn.LayerNormLSTM/GRU against the Python-loop composite users write today
+(nn.LayerNorm per gate block around a per-step matmul) and against torch.nn.LSTM/GRU without layer norm (the
+price of LN), forward and forward+backward, on the CPU (or --device cuda).
+
+    python benchmarks/bench_ln_rnn.py [--shapes T,B,I,H ...] [--repeats 5] [--threads N] [--device cpu]
+
+Prints one row per (cell, shape, mode) with median milliseconds and the ratios composite/normscope (higher is
+better for normscope) and normscope/torch (the price of LN; 1.0 = free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from normscope.recurrent import LayerNormGRU, LayerNormLSTM
+
+
+class CompositeLNLSTM(torch.nn.Module):
+    """What users write today: a Python loop over time with nn.LayerNorm modules (one per gate block)."""
+
+    def __init__(self, ref: torch.nn.Module, gru: bool):
+        super().__init__()
+        self.ref, self.gru = ref, gru
+        H, G = ref.hidden_size, ref.gates
+        self.ln_ih = torch.nn.ModuleList(torch.nn.LayerNorm(H, elementwise_affine=False) for _ in range(G))
+        self.ln_hh = torch.nn.ModuleList(torch.nn.LayerNorm(H, elementwise_affine=False) for _ in range(G))
+        self.ln_c = torch.nn.LayerNorm(H)
+
+    def forward(self, x):
+        r, H = self.ref, self.ref.hidden_size
+        T, B, _ = x.shape
+        h = x.new_zeros(B, H)
+        c = x.new_zeros(B, H)
+        outs = []
+        for t in range(T):
+            xi = F.linear(x[t], r.weight_ih_l0).split(H, -1)
+            hh = F.linear(h, r.weight_hh_l0).split(H, -1)
+            gi = [ln(v) * r.ln_ih_weight_l0[k] + r.bias_ih_l0[k * H:(k + 1) * H] for k, (ln, v) in
+                  enumerate(zip(self.ln_ih, xi))]
+            gh = [ln(v) * r.ln_hh_weight_l0[k] + r.bias_hh_l0[k * H:(k + 1) * H] for k, (ln, v) in
+                  enumerate(zip(self.ln_hh, hh))]
+            if self.gru:
+                rr = torch.sigmoid(gi[0] + gh[0])
+                z = torch.sigmoid(gi[1] + gh[1])
+                n = torch.tanh(gi[2] + rr * gh[2])
+                h = (1 - z) * n + z * h
+            else:
+                i, f, g, o = (a + b for a, b in zip(gi, gh))
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            outs.append(h)
+        return torch.stack(outs), h
+
+
+def _time(fn, repeats: int, sync) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["64,16,128,128", "128,32,256,256", "32,64,512,512"],
+                    help="T,B,I,H per case")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cells", default="lstm,gru")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, device {dev}")
+    print(f"{'cell':5} {'T,B,I,H':>16} {'mode':8} {'normscope ms':>13} {'composite ms':>13} {'torch ms':>9} "
+          f"{'composite/ns':>13} {'ns/torch':>9}")
+    for cell in args.cells.split(","):
+        gru = cell == "gru"
+        for shape in args.shapes:
+            T, B, n_in, H = (int(v) for v in shape.split(","))
+            torch.manual_seed(0)
+            ours = (LayerNormGRU if gru else LayerNormLSTM)(n_in, H).to(dev)
+            comp = CompositeLNLSTM(ours, gru).to(dev)
+            plain = (torch.nn.GRU if gru else torch.nn.LSTM)(n_in, H).to(dev)
+            x = torch.randn(T, B, n_in, device=dev, requires_grad=True)
+            for mode in ("fwd", "fwd+bwd"):
+                def call(m, mode=mode):
+                    if mode == "fwd":
+                        def f():
+                            with torch.no_grad():
+                                m(x)
+                        return f
+                    return lambda: m(x)[0].sum().backward()
+
+                t_ns = _time(call(ours), args.repeats, sync)
+                t_comp = _time(call(comp), args.repeats, sync)
+                t_torch = _time(call(plain), args.repeats, sync)
+                print(f"{cell:5} {shape:>16} {mode:8} {t_ns:13.2f} {t_comp:13.2f} {t_torch:9.2f} "
+                      f"{t_comp / t_ns:13.2f} {t_ns / t_torch:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""LN-LSTM and LN-GRU (Ba, Kiros & Hinton, 2016) against a composite written here from the paper's equations.
+
+The composite is a plain Python loop over time with torch.nn.functional.layer_norm, one direction and one
+layer at a time; nothing of normscope's recurrence code is reused, only the parameters (read by their
+documented names).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import normscope
+from normscope.errors import ShapeError
+from normscope.recurrent import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell
+
+EPS = 1e-5
+
+
+def _ln_blocks(v, gamma):
+    """Each gate block of H normalized on its own (float32 statistics), times its gain."""
+    g, h = gamma.shape
+    y = F.layer_norm(v.float().reshape(*v.shape[:-1], g, h), (h,), eps=EPS).to(v.dtype)
+    return (y * gamma).reshape(*v.shape)
+
+
+def ref_lstm_cell(x, h, c, p):
+    a = _ln_blocks(x @ p["weight_ih"].T, p["ln_ih_weight"]) + _ln_blocks(h @ p["weight_hh"].T, p["ln_hh_weight"])
+    if "bias_ih" in p:
+        a = a + p["bias_ih"] + p["bias_hh"]
+    i, f, g, o = a.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    cn = F.layer_norm(c.float(), c.shape[-1:], p["ln_c_weight"].float(), p["ln_c_bias"].float(), EPS).to(c.dtype)
+    return torch.sigmoid(o) * torch.tanh(cn), c
+
+
+def ref_gru_cell(x, h, p):
+    u = _ln_blocks(x @ p["weight_ih"].T, p["ln_ih_weight"])
+    v = _ln_blocks(h @ p["weight_hh"].T, p["ln_hh_weight"])
+    if "bias_ih" in p:
+        u, v = u + p["bias_ih"], v + p["bias_hh"]
+    ur, uz, un = u.chunk(3, -1)
+    vr, vz, vn = v.chunk(3, -1)
+    r, z = torch.sigmoid(ur + vr), torch.sigmoid(uz + vz)
+    n = torch.tanh(un + r * vn)
+    return (1 - z) * n + z * h
+
+
+def _params(module, layer, reverse=False):
+    sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+    return {k[: -len(sfx)]: v for k, v in module.named_parameters() if k.endswith(sfx)}
+
+
+def ref_rnn(module, x, lengths=None):
+    """(T, B, I) -> output (T, B, D*H), final states, by the paper's equations, sequence by sequence."""
+    T, B, _ = x.shape
+    lengths = torch.full((B,), T) if lengths is None else lengths
+    dirs = 2 if module.bidirectional else 1
+    lstm = isinstance(module, LayerNormLSTM)
+    H = module.hidden_size
+    outs = torch.zeros(T, B, dirs * H, dtype=x.dtype)
+    h_n = torch.zeros(module.num_layers * dirs, B, H, dtype=x.dtype)
+    c_n = torch.zeros_like(h_n)
+    for b in range(B):
+        seq = x[: int(lengths[b]), b]
+        for layer in range(module.num_layers):
+            layer_out = []
+            for d in range(dirs):
+                p = _params(module, layer, bool(d))
+                h = torch.zeros(H, dtype=x.dtype)
+                c = torch.zeros(H, dtype=x.dtype)
+                steps = range(seq.shape[0]) if d == 0 else range(seq.shape[0] - 1, -1, -1)
+                out = [None] * seq.shape[0]
+                for t in steps:
+                    if lstm:
+                        h, c = ref_lstm_cell(seq[t], h, c, p)
+                    else:
+                        h = ref_gru_cell(seq[t], h, p)
+                    out[t] = h
+                layer_out.append(torch.stack(out) if out else seq.new_zeros(0, H))
+                h_n[layer * dirs + d, b], c_n[layer * dirs + d, b] = h, c
+            seq = torch.cat(layer_out, -1)
+        outs[: seq.shape[0], b] = seq
+    return outs, (h_n, c_n) if lstm else h_n
+
+
+def _randomize(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():  # gains and shifts away from 1 / 0 so that they matter
+            if name.startswith("ln_"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if "weight" in name else torch.randn(p.shape,
+                                                                                                      generator=gen))
+    return module
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+@pytest.mark.parametrize("layers,bidir", [(1, False), (2, True)])
+def test_matches_the_paper_composite_fp32(cls, layers, bidir):
+    torch.manual_seed(0)
+    m = _randomize(cls(6, 8, num_layers=layers, bidirectional=bidir))
+    x = torch.randn(5, 3, 6)
+    out, state = m(x)
+    ref_out, ref_state = ref_rnn(m, x)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    for got, want in zip(state if isinstance(state, tuple) else (state,),
+                         ref_state if isinstance(ref_state, tuple) else (ref_state,)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_bf16_close_to_the_float32_composite(cls):
+    torch.manual_seed(1)
+    m = _randomize(cls(8, 16, bidirectional=True))
+    x = torch.randn(6, 4, 8)
+    ref_out, _ = ref_rnn(m, x)
+    out, _ = m.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref_out, atol=4e-2, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_padded_steps_neither_update_the_state_nor_leak(cls):
+    torch.manual_seed(2)
+    m = _randomize(cls(5, 7, num_layers=2, bidirectional=True, batch_first=True))
+    lengths = torch.tensor([6, 3, 1, 4])
+    x = torch.randn(4, 6, 5)
+    pad = torch.arange(6).unsqueeze(0) >= lengths.unsqueeze(1)
+    x = x.masked_fill(pad.unsqueeze(-1), float("nan"))  # NaN padding (the seed's F6): must not leak anywhere
+    x.requires_grad_(True)
+    out, state = m(x, lengths=lengths)
+    ref_out, ref_state = ref_rnn(m, torch.nan_to_num(x.detach().transpose(0, 1), nan=0.0), lengths)
+    torch.testing.assert_close(out, ref_out.transpose(0, 1), atol=2e-5, rtol=1e-5)
+    h = state[0] if isinstance(state, tuple) else state
+    torch.testing.assert_close(h, ref_state[0] if isinstance(ref_state, tuple) else ref_state, atol=2e-5, rtol=1e-5)
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+    (out.sum() + h.sum()).backward()
+    assert torch.isfinite(x.grad[~pad]).all()
+    assert torch.equal(x.grad[pad], torch.zeros_like(x.grad[pad]))
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    # the same answer from a mask of valid steps and from a PackedSequence
+    out_m, _ = m(x.detach(), mask=~pad)
+    torch.testing.assert_close(out_m, out.detach())
+    m.batch_first = False
+    packed = pack_padded_sequence(torch.nan_to_num(x.detach(), nan=0.0).transpose(0, 1), lengths,
+                                  enforce_sorted=False)
+    out_p, state_p = m(packed)
+    padded, got_len = pad_packed_sequence(out_p)
+    assert torch.equal(got_len, lengths)
+    torch.testing.assert_close(padded, out.detach().transpose(0, 1))
+    hp = state_p[0] if isinstance(state_p, tuple) else state_p
+    torch.testing.assert_close(hp, h.detach())
+
+
+def test_one_sequence_alone_equals_it_in_a_padded_batch():
+    torch.manual_seed(3)
+    m = _randomize(LayerNormLSTM(4, 6, bidirectional=True))
+    x = torch.randn(7, 3, 4)
+    lengths = torch.tensor([7, 2, 5])
+    out, (h, c) = m(x, lengths=lengths)
+    for b in range(3):
+        alone, (hb, cb) = m(x[: int(lengths[b]), b : b + 1])
+        torch.testing.assert_close(out[: int(lengths[b]), b], alone[:, 0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(h[:, b], hb[:, 0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(c[:, b], cb[:, 0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_gradcheck_float64(cls):
+    torch.manual_seed(4)
+    m = _randomize(cls(3, 4, num_layers=2, bidirectional=True)).double()
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 2])
+
+    def f(x, h0, *params):
+        out, state = torch.func.functional_call(m, dict(zip(names, params)), (x, (h0, h0) if cls is LayerNormLSTM
+                                                                           else h0), {"lengths": lengths})
+        return out, state[0] if isinstance(state, tuple) else state
+
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().requires_grad_(True) for _, p in m.named_parameters()]
+    assert torch.autograd.gradcheck(f, (x, h0, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell_cls,ref", [(LayerNormLSTMCell, "lstm"), (LayerNormGRUCell, "gru")])
+def test_cells_match_the_composite_and_take_unbatched_input(cell_cls, ref):
+    torch.manual_seed(5)
+    cell = cell_cls(5, 6)
+    with torch.no_grad():
+        cell.ln_ih_weight.uniform_(0.5, 1.5)
+        cell.ln_hh_weight.uniform_(0.5, 1.5)
+    p = dict(cell.named_parameters())
+    x, h = torch.randn(3, 5), torch.randn(3, 6)
+    if ref == "lstm":
+        c = torch.randn(3, 6)
+        got = cell(x, (h, c))
+        want = ref_lstm_cell(x, h, c, p)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-5)
+        h1, c1 = cell(x[0], (h[0], c[0]))
+        torch.testing.assert_close(h1, got[0][0])
+        assert cell(x)[0].shape == (3, 6)
+    else:
+        got = cell(x, h)
+        torch.testing.assert_close(got, ref_gru_cell(x, h, p), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(cell(x[1], h[1]), got[1])
+
+
+def test_shapes_like_torch_lstm_and_gru():
+    for ours, theirs in ((LayerNormLSTM, torch.nn.LSTM), (LayerNormGRU, torch.nn.GRU)):
+        kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+        a, b = ours(5, 7, **kw), theirs(5, 7, **kw)
+        x = torch.randn(3, 4, 5)
+        oa, sa = a(x)
+        ob, sb = b(x)
+        assert oa.shape == ob.shape
+        sa = sa if isinstance(sa, tuple) else (sa,)
+        sb = sb if isinstance(sb, tuple) else (sb,)
+        assert [s.shape for s in sa] == [s.shape for s in sb]
+        ua, _ = a(x[0])  # unbatched
+        ub, _ = b(x[0])
+        assert ua.shape == ub.shape
+        # torch's projection and bias parameters have the same names and shapes
+        theirs_shapes = {k: v.shape for k, v in b.named_parameters()}
+        ours_shapes = {k: v.shape for k, v in a.named_parameters()}
+        assert all(ours_shapes[k] == s for k, s in theirs_shapes.items())
+        missing, unexpected = a.load_state_dict(b.state_dict(), strict=False)  # a trained nn.LSTM's weights load
+        assert not unexpected and missing and all(k.startswith("ln_") for k in missing)
+        assert torch.equal(a.weight_hh_l1_reverse, b.weight_hh_l1_reverse)
+
+
+def test_dropout_between_layers_only_in_training():
+    torch.manual_seed(6)
+    m = LayerNormGRU(4, 8, num_layers=2, dropout=0.5)
+    x = torch.randn(5, 2, 4)
+    m.eval()
+    torch.testing.assert_close(m(x)[0], m(x)[0])
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)[0]
+    torch.manual_seed(1)
+    b = m(x)[0]
+    assert not torch.allclose(a, b)
+
+
+def test_errors_are_pytorch_style():
+    m = LayerNormLSTM(4, 6, batch_first=True)
+    with pytest.raises(ShapeError, match=r"Expected input with 4 features"):
+        m(torch.randn(2, 3, 5))
+    with pytest.raises(ShapeError, match=r"Expected lengths of size \[2\]"):
+        m(torch.randn(2, 3, 4), lengths=torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"Expected lengths in \[0, 3\]"):
+        m(torch.randn(2, 3, 4), lengths=torch.tensor([4, 1]))
+    with pytest.raises(ValueError, match="prefix of valid steps"):
+        m(torch.randn(2, 3, 4), mask=torch.tensor([[True, False, True], [True, True, True]]))
+    with pytest.raises(ShapeError, match=r"Expected h_0 of size \[1, 2, 6\]"):
+        m(torch.randn(2, 3, 4), (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6)))
+    with pytest.raises(ValueError, match="Expected num_layers"):
+        LayerNormGRU(4, 6, num_layers=0)
+    with pytest.raises(ValueError, match="Expected eps"):
+        LayerNormGRUCell(4, 6, eps=0.0)
+    with pytest.raises(ShapeError, match=r"Expected input of size \[\*, 4\]"):
+        LayerNormGRUCell(4, 6)(torch.randn(2, 5))
+    assert issubclass(ShapeError, RuntimeError)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(7)
+    m = _randomize(LayerNormLSTM(4, 8, batch_first=True))
+    x = torch.randn(2, 4, 4)
+    lengths = torch.tensor([4, 2])
+    eager, _ = m(x, lengths=lengths)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    got, _ = compiled(x, lengths=lengths)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_public_in_normscope_nn():
+    assert normscope.nn.LayerNormLSTM is LayerNormLSTM
+    assert normscope.nn.LayerNormGRUCell is LayerNormGRUCell
