@@ -41,9 +41,9 @@ class CompositeLNLSTM(torch.nn.Module):
         for t in range(T):
             xi = F.linear(x[t], r.weight_ih_l0).split(H, -1)
             hh = F.linear(h, r.weight_hh_l0).split(H, -1)
-            gi = [ln(v) * r.ln_ih_weight_l0[k] + r.bias_ih_l0[k * H:(k + 1) * H] for k, (ln, v) in
+            gi = [ln(v) * r.ln_ih_l0.weight[k] + r.bias_ih_l0[k * H:(k + 1) * H] for k, (ln, v) in
                   enumerate(zip(self.ln_ih, xi))]
-            gh = [ln(v) * r.ln_hh_weight_l0[k] + r.bias_hh_l0[k * H:(k + 1) * H] for k, (ln, v) in
+            gh = [ln(v) * r.ln_hh_l0.weight[k] + r.bias_hh_l0[k * H:(k + 1) * H] for k, (ln, v) in
                   enumerate(zip(self.ln_hh, hh))]
             if self.gru:
                 rr = torch.sigmoid(gi[0] + gh[0])

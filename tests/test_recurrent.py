@@ -49,8 +49,17 @@ def ref_gru_cell(x, h, p):
 
 
 def _params(module, layer, reverse=False):
+    """The parameters of one layer and direction by their documented names: ``weight_ih_l0`` ... and the norms'
+    ``ln_ih_l0.weight``, ``ln_c_l0.bias`` ..., as ``weight_ih``, ``ln_ih_weight``, ``ln_c_bias`` ..."""
     sfx = f"_l{layer}" + ("_reverse" if reverse else "")
-    return {k[: -len(sfx)]: v for k, v in module.named_parameters() if k.endswith(sfx)}
+    out = {}
+    for k, v in module.named_parameters():
+        owner, _, attr = k.rpartition(".")
+        if owner.endswith(sfx) and owner.startswith("ln_"):
+            out[f"{owner[: -len(sfx)]}_{attr}"] = v
+        elif not owner and k.endswith(sfx):
+            out[k[: -len(sfx)]] = v
+    return out
 
 
 def ref_rnn(module, x, lengths=None):
@@ -190,9 +199,9 @@ def test_cells_match_the_composite_and_take_unbatched_input(cell_cls, ref):
     torch.manual_seed(5)
     cell = cell_cls(5, 6)
     with torch.no_grad():
-        cell.ln_ih_weight.uniform_(0.5, 1.5)
-        cell.ln_hh_weight.uniform_(0.5, 1.5)
-    p = dict(cell.named_parameters())
+        cell.ln_ih.weight.uniform_(0.5, 1.5)
+        cell.ln_hh.weight.uniform_(0.5, 1.5)
+    p = {k.replace(".", "_"): v for k, v in cell.named_parameters()}  # ln_ih.weight -> ln_ih_weight
     x, h = torch.randn(3, 5), torch.randn(3, 6)
     if ref == "lstm":
         c = torch.randn(3, 6)

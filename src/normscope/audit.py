@@ -556,7 +556,7 @@ class _Audit:
         if share is not None and share - 2.0 * (noise or 0.0) > self.t.norm_share:
             kinds = collections.Counter()
             for layer in layers:
-                kinds[layer.kind] += layer_ms[layer.name]
+                kinds["recurrent" if layer.recurrent else layer.kind] += layer_ms[layer.name]
             kind = kinds.most_common(1)[0][0] if kinds else "layer_norm"
             noise_txt = f" ± {100 * noise:.1f}%" if noise else ""
             self.finding("norm_latency", "warning",
@@ -575,6 +575,9 @@ _LATENCY_ADVICE = {
                   "(torch.ao.quantization.fuse_modules, or torch.fx's fuse pass) or compile the model (torch.compile)",
     "group_norm": "GroupNorm cannot be folded; compile the model (torch.compile) or use channels-last inputs",
     "instance_norm": "InstanceNorm cannot be folded; compile the model (torch.compile)",
+    "recurrent": "the norms inside LayerNormLSTM / LayerNormGRU run as separate calls at every time step and "
+                 "cannot be folded (there is no fused per-step kernel yet); larger batches amortise the per-step "
+                 "overhead",
 }
 
 #: The profile step stops repeating after this many seconds (at least 3 runs).
@@ -940,7 +943,7 @@ def summary_text(result: Dict[str, Any], *, width: int = 120, max_findings: int 
     cols = [("layer", 0, "<")]
     if len(kinds_set) > 1:
         cols.append(("kind", 10, "<"))
-    cols.append(("place", 6, "<"))
+    cols.append(("place", max([6] + [len(e.get("placement") or "") for e in result["layers"]]), "<"))
     if len(eps_set) > 1:
         cols.append(("eps", 7, ">"))
     cols += [("var mean", 9, ">"), ("var p99", 9, ">"), ("eps rows", 8, ">"), ("nan/inf", 7, ">"),

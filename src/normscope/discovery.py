@@ -222,6 +222,9 @@ class NormLayer:
             position (timm's ``LayerNorm2d``, ConvNeXt's ``LayerNorm(data_format="channels_first")``).
             ``None`` for the other kinds, and when it could not be found (parameters on the meta
             device, or a probe that matched nothing): then the trailing ``normalized_shape`` is used.
+        recurrent: True for a norm inside a recurrent cell (:class:`normscope.recurrent.RecurrentNorm` of
+            ``LayerNormLSTM`` / ``LayerNormGRU``): called once per time step (the input norm once per forward),
+            never folded or converted.
     """
 
     name: str
@@ -232,6 +235,7 @@ class NormLayer:
     normalized_shape: Optional[Tuple[int, ...]] = None
     duck_typed: bool = False
     norm_dims: Optional[Tuple[int, ...]] = None
+    recurrent: bool = False
 
 
 def _eps_attr(module: torch.nn.Module) -> Optional[float]:
@@ -311,7 +315,10 @@ def find_norm_layers(
     layers = []
     for name, module in model.named_modules():
         found = None
-        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+        if getattr(type(module), "_normscope_recurrent_norm", False):
+            found = NormLayer(name, module, "layer_norm", float(module.eps), True,
+                              tuple(int(d) for d in module.normalized_shape), norm_dims=(-1,), recurrent=True)
+        elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
             kind = "layer_norm" if isinstance(module, torch.nn.LayerNorm) else "rms_norm"
             shape = tuple(int(d) for d in module.normalized_shape)
             eps = None if module.eps is None else float(module.eps)

@@ -218,8 +218,8 @@ def convert(
     result = ConvertResult()
     for name, module in list(model.named_modules()):
         cls = type(module)
-        if isinstance(module, (LayerNorm, RMSNorm)):
-            continue
+        if isinstance(module, (LayerNorm, RMSNorm)) or getattr(cls, "_normscope_recurrent_norm", False):
+            continue  # normscope's own (the norms inside LayerNormLSTM / LayerNormGRU run normscope's op already)
         target = _SWAP.get(cls)
         is_subclass = target is None and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
         if target is None and not is_subclass:

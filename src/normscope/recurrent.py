@@ -20,56 +20,117 @@ output ``tanh``::
 two-pass, through :func:`normscope.layer_norm`). The paper's per-block shifts ``beta_ih`` and ``beta_hh`` only
 add to the gate biases, so they are the biases ``b_ih`` / ``b_hh`` here (the same function class, no redundant
 parameters). Parameter names follow ``torch.nn.LSTM`` / ``torch.nn.GRU`` (``weight_ih_l0``, ``bias_hh_l1_reverse``,
-...) plus ``ln_ih_weight_l0`` (``gamma_ih``, shape ``(gates, H)``), ``ln_hh_weight_l0`` and, for the LSTM,
-``ln_c_weight_l0`` / ``ln_c_bias_l0``.
+...); the norms are submodules (:class:`RecurrentNorm`): ``ln_ih_l0`` (``gamma_ih``: ``ln_ih_l0.weight``, shape
+``(gates, H)``), ``ln_hh_l0`` and, for the LSTM, ``ln_c_l0`` (``ln_c_l0.weight`` / ``ln_c_l0.bias``), so that
+forward hooks and :class:`normscope.monitor.Monitor` see every norm call: the hidden and cell norms once per
+time step.
 
 The input projection of all time steps is one matmul and one normalization call up front; each step then does
 one matmul, one normalization of the hidden pre-activations and the gate arithmetic.
 
 Padded sequences: pass a :class:`torch.nn.utils.rnn.PackedSequence`, or ``lengths`` (or a ``mask`` of valid
-steps, a prefix per sequence). A padded step neither updates the state nor reaches the statistics (its input
-is replaced by zeros before the projection, so NaN/Inf padding cannot leak into values or gradients), and its
-output is zero, as ``pad_packed_sequence`` gives. The final state is the state after each sequence's last valid
-step; the reverse direction of a bidirectional layer starts at each sequence's own last valid step.
+steps, a prefix per sequence). The recurrence runs in the packed layout (longest sequence first, as cuDNN
+does): at step ``t`` only the sequences still running are computed, so a padded step neither updates the state
+nor reaches any statistic, value or gradient (NaN/Inf padding cannot leak), and its output is zero, as
+``pad_packed_sequence`` gives. The final state is the state after each sequence's last valid step; the reverse
+direction of a bidirectional layer starts at each sequence's own last valid step. (Under ``torch.compile`` a
+``lengths`` / ``mask`` batch runs masked instead: padded rows are computed and discarded, with their inputs
+zeroed, so that the traced graph has no data-dependent shapes.)
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from normscope.errors import ShapeError
 from normscope.functional import layer_norm
 
-__all__ = ["LayerNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTM", "LayerNormGRU"]
+__all__ = ["LayerNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTM", "LayerNormGRU", "RecurrentNorm"]
 
 _LSTMState = Tuple[Tensor, Tensor]
 
 
-def _gate_norm(pre: Tensor, gamma: Tensor, eps: float) -> Tensor:
-    """``LN_g(pre) * gamma``: ``pre`` of shape ``(*, G*H)`` normalized per block of ``H``; returns ``(*, G, H)``."""
-    g, h = gamma.shape
-    y = layer_norm(pre.reshape(*pre.shape[:-1], g, h), h, eps=eps)
-    return y * gamma
+class RecurrentNorm(torch.nn.Module):
+    """One layer norm inside a recurrent cell: ``LN(x) * weight (+ bias)`` over the last ``hidden_size`` values.
+
+    The gate norms (``site`` ``"input"`` / ``"hidden"``) normalize each gate block of ``H`` units on its own:
+    their input has shape ``(*, gates, H)`` and their ``weight`` (the per-block gains) shape ``(gates, H)``, no
+    bias (the paper's shifts are the gate biases). The cell-state norm (``site`` ``"cell"``, LSTM only) has a
+    ``weight`` and a ``bias`` of shape ``(H,)``. Statistics in float32 at least, two-pass, through
+    :func:`normscope.layer_norm`.
+
+    The recurrent layers call ``hidden`` and ``cell`` norms once per time step and the ``input`` norm once per
+    forward over all steps, through ``__call__``: :class:`normscope.monitor.Monitor` and forward hooks see them
+    like any norm layer (:func:`normscope.discovery.find_norm_layers` finds them; ``analyze`` places them as
+    ``recurrent``).
+    """
+
+    _normscope_recurrent_norm = True
+    __constants__ = ["normalized_shape", "eps", "site"]
+
+    def __init__(self, hidden_size: int, gates: int, site: str, eps: float = 1e-5,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if site not in ("input", "hidden", "cell"):
+            raise ValueError(f"Expected site to be 'input', 'hidden' or 'cell', but got {site!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.normalized_shape: Tuple[int, ...] = (hidden_size,)
+        self.eps, self.site, self.gates = float(eps), site, gates
+        #: The time step of the sequence being normalized (set by the recurrent layer before each call of a
+        #: hidden or cell norm; None for the input norm, which sees all steps at once, and for the cells).
+        self.time_step: Optional[int] = None
+        #: How many observers (:class:`normscope.monitor.Monitor` instances) want the input norm called once per
+        #: time step instead of once over all steps (the same rows, the same values; a time step for findings).
+        self.step_observers: int = 0
+        shape = (hidden_size,) if site == "cell" else (gates, hidden_size)
+        self.weight = torch.nn.Parameter(torch.ones(shape, **kw))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, **kw)) if site == "cell" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.normalized_shape[0]
+        if self.bias is not None:
+            return layer_norm(x, h, self.weight, self.bias, self.eps)
+        return layer_norm(x, h, eps=self.eps) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, site={self.site!r}, eps={self.eps}"
 
 
-def _lstm_step(xg: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor,
-               eps: float) -> _LSTMState:
-    gates = xg + _gate_norm(torch.nn.functional.linear(h, w_hh), g_hh, eps)
+def _hidden_gates(h: Tensor, w_hh: Tensor, ln_hh: RecurrentNorm, gates: int, live: int) -> Tensor:
+    """``LN_g(W_hh h) * gamma_hh`` of shape ``(B, gates, H)``. Rows ``live:`` hold the zero initial state, whose
+    normalized projection is exactly zero (as are its gradients to ``W_hh`` and ``gamma_hh``): they are not
+    computed, so that the norm's statistics (and the Monitor) see only the states the recurrence produced."""
+    n = h.shape[0]
+    if live >= n:
+        return ln_hh(torch.nn.functional.linear(h, w_hh).unflatten(-1, (gates, -1)))
+    zeros = h.new_zeros(n - live, gates, h.shape[-1])
+    if live <= 0:
+        return zeros
+    return torch.cat([ln_hh(torch.nn.functional.linear(h[:live], w_hh).unflatten(-1, (gates, -1))), zeros])
+
+
+def _lstm_step(xg: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, ln_hh: RecurrentNorm,
+               ln_c: RecurrentNorm, live: int) -> _LSTMState:
+    """One LSTM step. ``xg``: the normalized input pre-activations plus biases, ``(B, 4, H)``; ``live``: the
+    leading rows whose state is not the zero initial state (see :func:`_hidden_gates`)."""
+    gates = xg + _hidden_gates(h, w_hh, ln_hh, 4, live)
     i, f, g, o = gates.unbind(-2)
     c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h2 = torch.sigmoid(o) * torch.tanh(layer_norm(c2, c2.shape[-1], g_c, b_c, eps))
+    h2 = torch.sigmoid(o) * torch.tanh(ln_c(c2))
     return h2, c2
 
 
-def _gru_step(xg: Tensor, h: Tensor, w_hh: Tensor, g_hh: Tensor, b_hh: Optional[Tensor], eps: float) -> Tensor:
-    hg = _gate_norm(torch.nn.functional.linear(h, w_hh), g_hh, eps)
+def _gru_step(xg: Tensor, h: Tensor, w_hh: Tensor, ln_hh: RecurrentNorm, b_hh: Optional[Tensor],
+              live: int) -> Tensor:
+    """One GRU step. ``xg``: the normalized input pre-activations plus ``b_ih``, ``(B, 3, H)``."""
+    hg = _hidden_gates(h, w_hh, ln_hh, 3, live)
     if b_hh is not None:
-        hg = hg + b_hh.view_as(g_hh)
+        hg = hg + b_hh.view(3, -1)
     xr, xz, xn = xg.unbind(-2)
     hr, hz, hn = hg.unbind(-2)
     r = torch.sigmoid(xr + hr)
@@ -82,6 +143,16 @@ def _check_eps(eps: float) -> float:
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0 or not math.isfinite(eps):
         raise ValueError(f"Expected eps to be a positive finite number, but got {eps!r}")
     return float(eps)
+
+
+def _reset(module: torch.nn.Module, hidden_size: int) -> None:
+    bound = 1.0 / math.sqrt(hidden_size)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("ln_"):
+                p.zero_() if name.endswith(".bias") else p.fill_(1.0)
+            else:
+                p.uniform_(-bound, bound)
 
 
 def _check_sizes(input_size: int, hidden_size: int) -> None:
@@ -107,21 +178,14 @@ class _CellParams(torch.nn.Module):
         self.weight_hh = torch.nn.Parameter(torch.empty(gh, hidden_size, **kw))
         self.bias_ih = torch.nn.Parameter(torch.empty(gh, **kw)) if bias else None
         self.bias_hh = torch.nn.Parameter(torch.empty(gh, **kw)) if bias else None
-        self.ln_ih_weight = torch.nn.Parameter(torch.empty(self.gates, hidden_size, **kw))
-        self.ln_hh_weight = torch.nn.Parameter(torch.empty(self.gates, hidden_size, **kw))
-        if self.has_cell_norm:
-            self.ln_c_weight = torch.nn.Parameter(torch.empty(hidden_size, **kw))
-            self.ln_c_bias = torch.nn.Parameter(torch.empty(hidden_size, **kw))
+        self.ln_ih = RecurrentNorm(hidden_size, self.gates, "input", self.eps, **kw)
+        self.ln_hh = RecurrentNorm(hidden_size, self.gates, "hidden", self.eps, **kw)
+        self.ln_c = RecurrentNorm(hidden_size, self.gates, "cell", self.eps, **kw) if self.has_cell_norm else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Weights and biases uniform in ``(-1/sqrt(H), 1/sqrt(H))`` as torch's cells; gains 1, shifts 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for name, p in self.named_parameters():
-            if name.startswith("ln_"):
-                torch.nn.init.zeros_(p) if name.endswith("bias") else torch.nn.init.ones_(p)
-            else:
-                torch.nn.init.uniform_(p, -bound, bound)
+        _reset(self, self.hidden_size)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, eps={self.eps}"
@@ -162,10 +226,11 @@ class LayerNormLSTMCell(_CellParams):
         x, unbatched = self._input(input)
         h = self._state(None if hx is None else hx[0], x, "h_0", not unbatched)
         c = self._state(None if hx is None else hx[1], x, "c_0", not unbatched)
-        xg = _gate_norm(torch.nn.functional.linear(x, self.weight_ih), self.ln_ih_weight, self.eps)
+        live = 0 if hx is None else h.shape[0]
+        xg = self.ln_ih(torch.nn.functional.linear(x, self.weight_ih).unflatten(-1, (4, -1)))
         if self.bias_ih is not None and self.bias_hh is not None:
-            xg = xg + (self.bias_ih + self.bias_hh).view_as(self.ln_ih_weight)
-        h, c = _lstm_step(xg, h, c, self.weight_hh, self.ln_hh_weight, self.ln_c_weight, self.ln_c_bias, self.eps)
+            xg = xg + (self.bias_ih + self.bias_hh).view(4, -1)
+        h, c = _lstm_step(xg, h, c, self.weight_hh, self.ln_hh, cast(RecurrentNorm, self.ln_c), live)
         return (h.squeeze(0), c.squeeze(0)) if unbatched else (h, c)
 
 
@@ -181,10 +246,11 @@ class LayerNormGRUCell(_CellParams):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, unbatched = self._input(input)
         h = self._state(hx, x, "hx", not unbatched)
-        xg = _gate_norm(torch.nn.functional.linear(x, self.weight_ih), self.ln_ih_weight, self.eps)
+        live = 0 if hx is None else h.shape[0]
+        xg = self.ln_ih(torch.nn.functional.linear(x, self.weight_ih).unflatten(-1, (3, -1)))
         if self.bias_ih is not None:
-            xg = xg + self.bias_ih.view_as(self.ln_ih_weight)
-        h = _gru_step(xg, h, self.weight_hh, self.ln_hh_weight, self.bias_hh, self.eps)
+            xg = xg + self.bias_ih.view(3, -1)
+        h = _gru_step(xg, h, self.weight_hh, self.ln_hh, self.bias_hh, live)
         return h.squeeze(0) if unbatched else h
 
 
@@ -197,6 +263,36 @@ def _reverse_index(lengths: Tensor, steps: int) -> Tensor:
 
 def _time_gather(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 0, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class _Packing:
+    """A batch of sequences in the packed layout (``PackedSequence``'s): time-major rows of the sequences
+    still running at each step, longest first, so that the rows active at step ``t`` are the first
+    ``batch_sizes[t]`` of the (sorted) batch."""
+
+    def __init__(self, batch_sizes: List[int], sorted_indices: Optional[Tensor], unsorted_indices: Optional[Tensor],
+                 scatter: Optional[Tensor], batch: int) -> None:
+        self.batch_sizes, self.sorted_indices, self.unsorted_indices = batch_sizes, sorted_indices, unsorted_indices
+        self.scatter = scatter  # row of each packed row in the (T * B) padded layout; None: nothing padded
+        self.batch, self.steps = batch, len(batch_sizes)
+        self.offsets = [0]
+        for n in batch_sizes:
+            self.offsets.append(self.offsets[-1] + n)
+
+
+def _pack(x: Tensor, lengths: Tensor) -> Tuple[Tensor, _Packing]:
+    """``(T, B, I)`` and lengths -> (packed rows ``(N, I)``, the packing). Lengths of 0 are allowed."""
+    T, B = x.shape[0], x.shape[1]
+    lens = lengths.detach().cpu().to(torch.int64)
+    order = torch.sort(lens, descending=True, stable=True).indices
+    sorted_lens = lens.index_select(0, order).tolist()
+    batch_sizes = [sum(1 for n in sorted_lens if n > t) for t in range(T)]
+    rows = torch.cat([t * B + order[:n] for t, n in enumerate(batch_sizes)]) if T else order[:0]
+    rows = rows.to(x.device)
+    unsorted = torch.empty_like(order)
+    unsorted[order] = torch.arange(B)
+    data = x.reshape(T * B, x.shape[-1]).index_select(0, rows)
+    return data, _Packing(batch_sizes, order.to(x.device), unsorted.to(x.device), rows, B)
 
 
 class _LNRecurrent(torch.nn.Module):
@@ -218,32 +314,26 @@ class _LNRecurrent(torch.nn.Module):
         kw = {"device": device, "dtype": dtype}
         dirs = 2 if bidirectional else 1
         gh = self.gates * hidden_size
-        self._names: List[List[str]] = []
+        self._sfx: List[str] = []
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size * dirs
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                shapes = [("weight_ih", (gh, layer_in)), ("weight_hh", (gh, hidden_size))]
+                self._sfx.append(sfx)
+                self.register_parameter("weight_ih" + sfx, torch.nn.Parameter(torch.empty(gh, layer_in, **kw)))
+                self.register_parameter("weight_hh" + sfx, torch.nn.Parameter(torch.empty(gh, hidden_size, **kw)))
                 if bias:
-                    shapes += [("bias_ih", (gh,)), ("bias_hh", (gh,))]
-                shapes += [("ln_ih_weight", (self.gates, hidden_size)), ("ln_hh_weight", (self.gates, hidden_size))]
+                    self.register_parameter("bias_ih" + sfx, torch.nn.Parameter(torch.empty(gh, **kw)))
+                    self.register_parameter("bias_hh" + sfx, torch.nn.Parameter(torch.empty(gh, **kw)))
+                self.add_module("ln_ih" + sfx, RecurrentNorm(hidden_size, self.gates, "input", self.eps, **kw))
+                self.add_module("ln_hh" + sfx, RecurrentNorm(hidden_size, self.gates, "hidden", self.eps, **kw))
                 if self.mode == "LSTM":
-                    shapes += [("ln_c_weight", (hidden_size,)), ("ln_c_bias", (hidden_size,))]
-                names = []
-                for base, shape in shapes:
-                    self.register_parameter(base + sfx, torch.nn.Parameter(torch.empty(shape, **kw)))
-                    names.append(base + sfx)
-                self._names.append(names)
+                    self.add_module("ln_c" + sfx, RecurrentNorm(hidden_size, self.gates, "cell", self.eps, **kw))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Weights and biases uniform in ``(-1/sqrt(H), 1/sqrt(H))`` as torch's RNNs; gains 1, shifts 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for name, p in self.named_parameters():
-            if name.startswith("ln_"):
-                torch.nn.init.zeros_(p) if "_bias_" in name else torch.nn.init.ones_(p)
-            else:
-                torch.nn.init.uniform_(p, -bound, bound)
+        _reset(self, self.hidden_size)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -255,22 +345,23 @@ class _LNRecurrent(torch.nn.Module):
                 s += f", {k}={getattr(self, k)}"
         return s
 
-    def _params(self, layer: int, d: int) -> dict:
-        dirs = 2 if self.bidirectional else 1
-        out = {}
-        for name in self._names[layer * dirs + d]:
-            out[name.rsplit("_l", 1)[0]] = getattr(self, name)
+    def _params(self, k: int) -> dict:
+        sfx = self._sfx[k]
+        out = {name: getattr(self, name + sfx, None) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                                  "ln_ih", "ln_hh", "ln_c")}
         return out
 
     # ---- input handling -----------------------------------------------------------------------------------
 
     def _prepare(self, input: Union[Tensor, PackedSequence], lengths: Optional[Tensor], mask: Optional[Tensor]):
-        packed = isinstance(input, PackedSequence)
-        if packed:
+        """-> (x ``(T, B, I)`` or the packed rows, lengths, the input PackedSequence or None, unbatched)."""
+        if isinstance(input, PackedSequence):
             if lengths is not None or mask is not None:
                 raise ValueError("Expected no lengths or mask with a PackedSequence input (it carries its lengths)")
-            x, lengths = pad_packed_sequence(input, batch_first=False)
-            return x, lengths, True, input, False
+            if input.data.dim() != 2 or input.data.shape[-1] != self.input_size:
+                raise ShapeError(f"Expected packed data of size [*, {self.input_size}], but got "
+                                 f"{list(input.data.shape)}")
+            return input.data, None, input, False
         if not isinstance(input, Tensor):
             raise TypeError(f"Expected input to be a Tensor or a PackedSequence, but got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -295,7 +386,7 @@ class _LNRecurrent(torch.nn.Module):
             # (a value check: skipped while torch.compile traces, where it would be a data-dependent branch)
             if not torch.compiler.is_compiling() and (bool((lengths < 0).any()) or bool((lengths > T).any())):
                 raise ValueError(f"Expected lengths in [0, {T}], but got {lengths.tolist()}")
-        return x, lengths, False, None, unbatched
+        return x, lengths, None, unbatched
 
     def _lengths_of_mask(self, mask: Tensor, T: int, B: int, unbatched: bool) -> Tensor:
         m = mask.unsqueeze(0) if unbatched else mask
@@ -312,7 +403,7 @@ class _LNRecurrent(torch.nn.Module):
                              "but got a mask with gaps")
         return lengths
 
-    def _initial(self, hx, B: int, x: Tensor, unbatched: bool):
+    def _initial(self, hx, B: int, x: Tensor, unbatched: bool) -> List[Tensor]:
         dirs = 2 if self.bidirectional else 1
         want = [self.num_layers * dirs, B, self.hidden_size]
         states = hx if isinstance(hx, tuple) else (hx,)
@@ -333,50 +424,137 @@ class _LNRecurrent(torch.nn.Module):
 
     # ---- the recurrence -----------------------------------------------------------------------------------
 
-    def _run_direction(self, x: Tensor, valid: Optional[Tensor], state: List[Tensor], p: dict):
-        T = x.shape[0]
-        xg = _gate_norm(torch.nn.functional.linear(x, p["weight_ih"]), p["ln_ih_weight"], self.eps)  # (T, B, G, H)
-        b_ih, b_hh = p.get("bias_ih"), p.get("bias_hh")
+    def _input_gates(self, x: Tensor, p: dict, pk: Optional[_Packing] = None) -> Tensor:
+        """The normalized input pre-activations of all steps plus the biases: one matmul and one norm call (one
+        norm call per time step, on the same rows, while a Monitor watches the norm: so that what it sees, such
+        as the first non-finite value, has a time step)."""
+        ln: RecurrentNorm = p["ln_ih"]
+        pre = torch.nn.functional.linear(x, p["weight_ih"]).unflatten(-1, (self.gates, -1))
+        if pk is not None and pk.steps > 1 and ln.step_observers > 0 and not torch.compiler.is_compiling():
+            parts = []
+            for t in range(pk.steps):
+                if pk.batch_sizes[t]:
+                    ln.time_step = t
+                    parts.append(ln(pre[pk.offsets[t]:pk.offsets[t + 1]]))
+            ln.time_step = None
+            xg = torch.cat(parts)
+        else:
+            xg = ln(pre)
+        b_ih, b_hh = p["bias_ih"], p["bias_hh"]
+        if b_ih is not None:
+            xg = xg + (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
+        return xg
+
+    def _step(self, xg: Tensor, state: List[Tensor], p: dict, live: int, t: int) -> List[Tensor]:
+        if not torch.compiler.is_compiling():
+            p["ln_hh"].time_step = t
+            if p["ln_c"] is not None:
+                p["ln_c"].time_step = t
         if self.mode == "LSTM":
-            if b_ih is not None and b_hh is not None:
-                xg = xg + (b_ih + b_hh).view_as(p["ln_ih_weight"])
-        elif b_ih is not None:
-            xg = xg + b_ih.view_as(p["ln_ih_weight"])
+            return list(_lstm_step(xg, state[0], state[1], p["weight_hh"], p["ln_hh"], p["ln_c"], live))
+        return [_gru_step(xg, state[0], p["weight_hh"], p["ln_hh"], p["bias_hh"], live)]
+
+    def _run_packed(self, data: Tensor, pk: _Packing, state: List[Tensor], p: dict, reverse: bool,
+                    zero_init: bool):
+        """One direction of one layer over packed rows; returns (packed outputs ``(N, H)``, final state).
+        ``zero_init``: the initial state is zeros (no ``hx``), so rows that have not run yet hold zeros."""
+        xg = self._input_gates(data, p, pk)  # (N, G, H)
+        chunks: List[Tensor] = [data.new_zeros(0, self.hidden_size)] * pk.steps
+        started = 0  # the leading rows that have run at least one step (the batch is sorted longest first)
+        for t in (range(pk.steps - 1, -1, -1) if reverse else range(pk.steps)):
+            n = pk.batch_sizes[t]
+            if n == 0:
+                continue
+            live = min(started, n) if zero_init else n
+            started = max(started, n)
+            xt = xg[pk.offsets[t]:pk.offsets[t] + n]
+            if n == pk.batch:
+                state = self._step(xt, state, p, live, t)
+                chunks[t] = state[0]
+            else:  # only the first n sequences run at step t; the others keep their state
+                new = self._step(xt, [s[:n] for s in state], p, live, t)
+                chunks[t] = new[0]
+                state = [torch.cat([a, s[n:]]) for a, s in zip(new, state)]
+        return torch.cat(chunks), state
+
+    def _run_masked(self, x: Tensor, valid: Tensor, state: List[Tensor], p: dict):
+        """One direction over a padded ``(T, B, I)`` batch with a ``(T, B)`` mask of valid steps (the path that
+        torch.compile traces with lengths: no data-dependent shapes)."""
+        xg = self._input_gates(x, p)
         outs = []
-        h = state[0]
-        c = state[1] if self.mode == "LSTM" else None
-        for t in range(T):
-            if self.mode == "LSTM":
-                h2, c2 = _lstm_step(xg[t], h, c, p["weight_hh"], p["ln_hh_weight"], p["ln_c_weight"],
-                                    p["ln_c_bias"], self.eps)
-            else:
-                h2, c2 = _gru_step(xg[t], h, p["weight_hh"], p["ln_hh_weight"], b_hh, self.eps), None
-            if valid is None:
-                h, c = h2, c2
-                outs.append(h2)
-            else:
-                m = valid[t].unsqueeze(1)
-                h = torch.where(m, h2, h)
-                if c2 is not None:
-                    c = torch.where(m, c2, c)
-                outs.append(torch.where(m, h2, torch.zeros_like(h2)))
+        for t in range(x.shape[0]):
+            new = self._step(xg[t], state, p, x.shape[1], t)
+            m = valid[t].unsqueeze(1)
+            state = [torch.where(m, a, s) for a, s in zip(new, state)]
+            outs.append(torch.where(m, new[0], torch.zeros_like(new[0])))
         out = torch.stack(outs) if outs else x.new_zeros(0, x.shape[1], self.hidden_size)
-        return out, [h] if c is None else [h, c]
+        return out, state
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None, *, lengths: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None):
-        x, lengths, packed, packed_in, unbatched = self._prepare(input, lengths, mask)
-        T, B = x.shape[0], x.shape[1]
-        init = self._initial(hx, B, x, unbatched)
-        dirs = 2 if self.bidirectional else 1
-        valid = None
-        if lengths is not None:
-            lengths = lengths.to(x.device)
-            valid = torch.arange(T, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
-            x = x.masked_fill(~valid.unsqueeze(-1), 0)  # padding never reaches the projections or statistics
-            rev = _reverse_index(lengths, T)
+        x, lengths, packed_in, unbatched = self._prepare(input, lengths, mask)
+        if packed_in is not None:
+            bs = packed_in.batch_sizes.tolist()
+            pk: Optional[_Packing] = _Packing(bs, packed_in.sorted_indices, packed_in.unsorted_indices, None,
+                                              int(bs[0]) if bs else 0)
+            data = x
+        elif lengths is not None and torch.compiler.is_compiling():
+            pk, data = None, x
+        elif lengths is not None:
+            data, pk = _pack(x, lengths)
         else:
-            rev = None
+            T, B = x.shape[0], x.shape[1]
+            pk, data = _Packing([B] * T, None, None, None, B), x.reshape(T * B, x.shape[-1])
+        B = pk.batch if pk is not None else x.shape[1]
+        init = self._initial(hx, B, data, unbatched)
+        if pk is not None and pk.sorted_indices is not None:
+            init = [s.index_select(1, pk.sorted_indices) for s in init]
+        if pk is None:
+            output, final = self._forward_masked(x, lengths, init)
+        else:
+            output, final = self._forward_packed(data, pk, init, hx is None)
+        if pk is not None and pk.unsorted_indices is not None:
+            final = [f.index_select(1, pk.unsorted_indices) for f in final]
+        if packed_in is not None:
+            output = PackedSequence(output, packed_in.batch_sizes, packed_in.sorted_indices,
+                                    packed_in.unsorted_indices)
+        else:
+            T, B = x.shape[0], x.shape[1]
+            if pk is not None:
+                if pk.scatter is not None:
+                    output = output.new_zeros(T * B, output.shape[-1]).index_copy(0, pk.scatter, output)
+                output = output.view(T, B, -1)
+            if unbatched:
+                output = output.squeeze(1)
+                final = [f.squeeze(1) for f in final]
+            elif self.batch_first:
+                output = output.transpose(0, 1)
+        state_out = (final[0], final[1]) if self.mode == "LSTM" else final[0]
+        return output, state_out
+
+    def _forward_packed(self, data: Tensor, pk: _Packing, init: List[Tensor], zero_init: bool):
+        dirs = 2 if self.bidirectional else 1
+        finals: List[List[Tensor]] = []
+        layer_in = data
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(dirs):
+                k = layer * dirs + d
+                out, fin = self._run_packed(layer_in, pk, [s[k] for s in init], self._params(k), bool(d), zero_init)
+                outs.append(out)
+                finals.append(fin)
+            layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_in = torch.nn.functional.dropout(layer_in, self.dropout, True)
+        return layer_in, [torch.stack([f[i] for f in finals]) for i in range(len(init))]
+
+    def _forward_masked(self, x: Tensor, lengths: Tensor, init: List[Tensor]):
+        T = x.shape[0]
+        dirs = 2 if self.bidirectional else 1
+        lengths = lengths.to(x.device)
+        valid = torch.arange(T, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
+        x = x.masked_fill(~valid.unsqueeze(-1), 0)  # padding never reaches the projections or statistics
+        rev = _reverse_index(lengths, T)
         finals: List[List[Tensor]] = []
         layer_in = x
         for layer in range(self.num_layers):
@@ -384,36 +562,17 @@ class _LNRecurrent(torch.nn.Module):
             for d in range(dirs):
                 k = layer * dirs + d
                 state = [s[k] for s in init]
-                p = self._params(layer, d)
                 if d == 0:
-                    out, fin = self._run_direction(layer_in, valid, state, p)
+                    out, fin = self._run_masked(layer_in, valid, state, self._params(k))
                 else:
-                    src = layer_in.flip(0) if rev is None else _time_gather(layer_in, rev)
-                    out, fin = self._run_direction(src, valid, state, p)
-                    out = out.flip(0) if rev is None else _time_gather(out, rev)
-                    if valid is not None:
-                        out = out.masked_fill(~valid.unsqueeze(-1), 0)
+                    out, fin = self._run_masked(_time_gather(layer_in, rev), valid, state, self._params(k))
+                    out = _time_gather(out, rev).masked_fill(~valid.unsqueeze(-1), 0)
                 outs.append(out)
                 finals.append(fin)
             layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_in = torch.nn.functional.dropout(layer_in, self.dropout, True)
-        output = layer_in
-        final = [torch.stack([f[i] for f in finals]) for i in range(len(init))]
-        if unbatched:
-            output = output.squeeze(1)
-            final = [f.squeeze(1) for f in final]
-        elif packed and packed_in is not None:
-            order = packed_in.sorted_indices
-            sorted_out = output if order is None else output.index_select(1, order)
-            sorted_len = lengths if order is None else lengths.index_select(0, order.to(lengths.device))
-            data = pack_padded_sequence(sorted_out, sorted_len.cpu(), enforce_sorted=True).data
-            output = PackedSequence(data, packed_in.batch_sizes, packed_in.sorted_indices,
-                                    packed_in.unsorted_indices)
-        elif self.batch_first:
-            output = output.transpose(0, 1)
-        state_out = (final[0], final[1]) if self.mode == "LSTM" else final[0]
-        return output, state_out
+        return layer_in, [torch.stack([f[i] for f in finals]) for i in range(len(init))]
 
 
 class LayerNormLSTM(_LNRecurrent):

@@ -78,8 +78,10 @@ class ExportReport:
         exporter: ``"dynamo"`` (``torch.onnx.export(..., dynamo=True)`` on a ``torch.export`` program).
         norm_nodes: count per norm operator type in the graph (:data:`NORM_OP_TYPES`) and per
             primitive pattern (``"RMSNormPattern"``, ``"LayerNormPattern"``); only non-zero entries.
-        expected_norms: LayerNorm / RMSNorm layers of the model found by
-            :func:`normscope.discovery.find_norm_layers`.
+        expected_norms: LayerNorm / RMSNorm layers of the model (found by
+            :func:`normscope.discovery.find_norm_layers`), a layer called several times in one forward on the
+            example inputs counting once per call: a shared layer, or a norm inside a recurrent cell (once per
+            time step: the exported graph unrolls the recurrence for the example's sequence length).
         max_abs_diff: max absolute difference between onnxruntime's and PyTorch's outputs over all
             floating outputs (``None`` when ``verify=False``).
         max_rel_diff: ``max_abs_diff / max |PyTorch output|`` (relative to the output's scale, not
@@ -401,7 +403,8 @@ def export_onnx(
 
     Returns:
         An :class:`ExportReport`. ``ok`` is False, with a warning, when the graph holds a different
-        number of norm operators / patterns than the model has LayerNorm / RMSNorm layers, or when an
+        number of norm operators / patterns than the model has LayerNorm / RMSNorm layers (calls, for a layer
+        called several times), or when an
         output differs from PyTorch's by more than the dtype's tolerance (float32: ``1e-4 + 1e-4 *
         max|y|``).
 
@@ -425,7 +428,6 @@ def export_onnx(
     _require_onnx()
 
     layers = [layer for layer in find_norm_layers(model) if layer.kind in ("layer_norm", "rms_norm")]
-    expected = len(layers)
 
     cached_file = None
     if cache_dir is not None:
@@ -433,12 +435,12 @@ def export_onnx(
         cached_file = cache / f"{_cache_key(model, args, kwargs, opset)}.onnx"
     cached = cached_file is not None and cached_file.is_file()
     with _ExportFile(path) as work:  # written and checked in a temporary file, published at the end
-        report = _export_and_check(model, args, kwargs, work.file, opset, verify, cached_file, cached, expected)
+        report = _export_and_check(model, args, kwargs, work.file, opset, verify, cached_file, cached, layers)
         work.publish()
     return dataclasses.replace(report, path=path)
 
 
-def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cached, expected) -> ExportReport:
+def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cached, layers) -> ExportReport:
     import onnx
 
     warnings: List[str] = []
@@ -455,7 +457,22 @@ def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cac
             program.save(path)
             if cached_file is not None:
                 _cache_store(path, cached_file)
-        reference = _flat_tensors(model(*args, **kwargs)) if verify else []
+        # One norm operator per LayerNorm / RMSNorm layer, or per call where a layer is called several times
+        # in this forward (a shared layer; a norm inside a recurrent cell, once per time step). A layer whose
+        # module is not called still counts once (its parameters may be used by a functional op).
+        calls = [0] * len(layers)
+
+        def counter(i):
+            return lambda *_: calls.__setitem__(i, calls[i] + 1)
+
+        handles = [layer.module.register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
+        try:
+            out = model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        reference = _flat_tensors(out) if verify else []
+        expected = sum(max(1, n) for n in calls)
 
     proto = onnx.load(path, load_external_data=False)
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
@@ -465,7 +482,7 @@ def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cac
     found = sum(norm_nodes.values())
     if found != expected:
         warnings.append(
-            f"expected {expected} norm operator(s) (one per LayerNorm / RMSNorm layer), but the graph has "
+            f"expected {expected} norm operator(s) (one per LayerNorm / RMSNorm layer, or per call), but the graph has "
             f"{found}: {norm_nodes or '{}'}"
         )
     ok = found == expected

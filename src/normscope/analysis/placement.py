@@ -19,8 +19,9 @@ from normscope.discovery import NormLayer, find_norm_layers
 
 __all__ = ["analyze", "ModelReport", "LayerReport", "PLACEMENTS"]
 
-#: The placements :func:`analyze` reports. ``unused``: the layer was not called in the forward pass.
-PLACEMENTS = ("pre", "post", "final", "other", "unused")
+#: The placements :func:`analyze` reports. ``unused``: the layer was not called in the forward pass;
+#: ``recurrent``: a norm inside a recurrent cell (``LayerNormLSTM`` / ``LayerNormGRU``), called once per time step.
+PLACEMENTS = ("pre", "post", "final", "other", "recurrent", "unused")
 
 _FOLDABLE_KINDS = ("layer_norm", "rms_norm")
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -37,7 +38,7 @@ class LayerReport:
         dtype: dtype of the tensor entering the layer (``None`` if the layer was not called).
         compute_dtype: dtype in which the statistics are computed: ``float32`` for 16-bit inputs to a fused
             kernel (torch's and normscope's norms), else the dtype of the variance / rsqrt ops inside the module.
-        placement: ``pre``, ``post``, ``final``, ``other`` or ``unused`` (see ``docs/analysis.md``).
+        placement: ``pre``, ``post``, ``final``, ``other``, ``recurrent`` or ``unused`` (see ``docs/analysis.md``).
         consumers: ``(kind, name)`` of what consumes the output, looking through views, casts and dropout:
             ``("linear", module)``, ``("matmul", weight parameter or "activation")``,
             ``("add", "residual" or "add")``, ``("norm", module)``, ``("output", path)``, ``("other", op)``.
@@ -216,6 +217,9 @@ class _Analysis:
         return "other"
 
     def fold(self, layer: NormLayer, consumers: List[Tuple[str, str]]) -> Tuple[bool, str]:
+        if layer.recurrent:
+            return False, ("a norm inside a recurrent cell: its output enters the gate arithmetic of every time "
+                           "step, not a linear map")
         if layer.kind not in _FOLDABLE_KINDS:
             return False, f"only layer_norm / rms_norm layers are folded into their consumers, not {layer.kind}"
         if not layer.affine and getattr(layer.module, "bias", None) is None:
@@ -352,9 +356,10 @@ def analyze(
         if compute in _REDUCED:
             risks.append(f"statistics are computed in {_dtype_name(compute)} without a float32 upcast")
         risks += _eps_risks(layer.eps, compute)
+        placement = "recurrent" if layer.recurrent else analysis.placement(call)
         report.layers.append(LayerReport(
             layer.name, layer.kind, layer.eps, _dtype_name(call.input_dtype), _dtype_name(compute),
-            analysis.placement(call), consumers, foldable, reason, producers, risks, len(calls)))
+            placement, consumers, foldable, reason, producers, risks, len(calls)))
     _eps_consistency(report)
     return report
 

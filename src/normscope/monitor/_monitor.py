@@ -333,6 +333,8 @@ class Monitor:
         self._closed = False
         self._bwd_order = 0
         self._step_calls: List[int] = []  # the layers called so far in this step, in call order
+        # (step, call order) -> (time step, site), for the calls of norms inside recurrent cells in this window
+        self._time_steps: Dict[Tuple[int, int], Tuple[int, str]] = {}
         # The call sequence of sampled steps, stored only where it changes: (first step, sequence).
         self._order_changes: List[Tuple[int, Tuple[int, ...]]] = []
         self._grad_layers_step: set = set()
@@ -378,6 +380,8 @@ class Monitor:
             self._handles.append(m.register_forward_hook(self._make_hook(i), with_kwargs=True))
             for col, pname in ((1, "weight"), (2, "bias")):
                 self._watch_param(i, col, getattr(m, pname, None))
+            if layer.recurrent and hasattr(m, "step_observers"):
+                m.step_observers += 1  # the recurrent layer calls its input norm once per time step while > 0
 
     # --- public API -----------------------------------------------------------------------------------
 
@@ -493,6 +497,7 @@ class Monitor:
             else:
                 self._totals[i].merge(raw)
         new = self._detect(raws, stats)
+        self._time_steps = {}
         self._findings.extend(new)
         records.extend(f.to_record() for f in new)
         self._order_changes = self._order_changes[-1:]
@@ -695,6 +700,9 @@ class Monitor:
             for h in self._handles:
                 h.remove()
             self._handles = []
+            for layer in self._layers:
+                if layer.recurrent and getattr(layer.module, "step_observers", 0) > 0:
+                    layer.module.step_observers -= 1
             self._call_sinks("close")
 
     def __enter__(self) -> "Monitor":
@@ -959,11 +967,15 @@ class Monitor:
             counters.skipped_calls += 1
             return
         self._step_calls.append(i)
+        layer = self._layers[i]
+        if layer.recurrent:
+            t = getattr(layer.module, "time_step", None)
+            if t is not None:
+                self._time_steps[(self._step, order)] = (int(t), str(getattr(layer.module, "site", "")))
         if (x is None or y is None or not x.is_floating_point() or not y.is_floating_point()
                 or x.shape != y.shape or x.numel() == 0):
             counters.skipped_calls += 1
             return
-        layer = self._layers[i]
         xr, yr = self._rows(layer, x), self._rows(layer, y)
         if xr is None or yr is None:
             counters.skipped_calls += 1
@@ -1409,7 +1421,7 @@ class Monitor:
         st = self._rule_state
         st.active, st.nonfinite_active, st.grad_history = self._active, self._nonfinite_active, self._grad_history
         ctx = rules.RuleContext([x.name for x in self._layers], self._thresholds, self._eps_factor, self._every,
-                                self._calls_of)
+                                self._calls_of, lambda step, order: self._time_steps.get((step, order)))
         found = rules.detect(raws, stats, ctx, st)
         self._active, self._nonfinite_active = st.active, st.nonfinite_active
         return found

@@ -42,6 +42,9 @@ class RuleContext:
         eps_factor: the monitor's ``eps_factor`` (for the eps-dominated message).
         every: the monitor's sampling interval (one step in ``every`` is sampled).
         calls_of: ``calls_of(step)``: the layer indices called in ``step``, in call order.
+        time_step_of: ``time_step_of(step, order)``: for a call of a norm inside a recurrent cell, ``(time step
+            of the sequence it normalized, site)`` with site ``"input"``, ``"hidden"`` or ``"cell"``
+            (:class:`normscope.recurrent.RecurrentNorm`); None when not known.
     """
 
     names: Sequence[str]
@@ -49,6 +52,7 @@ class RuleContext:
     eps_factor: float = 10.0
     every: int = 1
     calls_of: Callable[[int], Tuple[int, ...]] = lambda step: ()
+    time_step_of: Callable[[int, int], Optional[Tuple[int, str]]] = lambda step, order: None
 
 
 @dataclass
@@ -165,17 +169,26 @@ def _nonfinite_forward(raws: Dict[int, L.WindowRaw], stats: Dict[int, dict], ctx
         step, rest = divmod(key, L.KEY_STEP)
         order, is_out = divmod(rest, 2)
         s = stats[i]
+        ts = ctx.time_step_of(step, order)
+        t, site = (None, None) if ts is None else ts
+        at = f"at step {step}" + ("" if t is None else f", time step {t} of the sequence")
         if is_out:
             found.append(Finding(
                 names[i], step, "nonfinite_output", "error", float(s["nan_out"] + s["inf_out"]),
-                f"first non-finite output in layer {names[i]} at step {step}, while its input was finite: "
+                f"first non-finite output in layer {names[i]} {at}, while its input was finite: "
                 f"the normalization itself overflowed; check its gamma/beta and eps, or compute it in "
                 f"float32"))
         else:
             calls = ctx.calls_of(step)
             prev = names[calls[order - 1]] if 0 < order <= len(calls) else None
             clean = None if prev is not None or ctx.every == 1 else _previous_sampled_step(step, raws, ctx, state)
-            if prev is not None:
+            if site == "input":
+                where = (f"the NaN/Inf is in the recurrent layer's input sequence at time step {t} (the data, "
+                         f"padding passed as valid steps, or the layer below)")
+            elif site is not None:
+                where = (f"the NaN/Inf arose in the recurrence at time step {t}, from the previous step's state "
+                         f"or the recurrent weights (check the gradient norms across time steps; clip gradients)")
+            elif prev is not None:
                 where = (f"the NaN/Inf arose upstream, between layer {prev} and this one; inspect those "
                          f"operations (attention scores, activations, residual adds in low precision)")
             elif clean is None:
@@ -189,7 +202,7 @@ def _nonfinite_forward(raws: Dict[int, L.WindowRaw], stats: Dict[int, dict], ctx
                          f"rerun from a checkpoint before step {step} with every=1")
             found.append(Finding(
                 names[i], step, "nonfinite_input", "error", float(s["nan_in"] + s["inf_in"]),
-                f"first non-finite input in layer {names[i]} at step {step}: {where}; lower the learning rate "
+                f"first non-finite input in layer {names[i]} {at}: {where}; lower the learning rate "
                 f"or clip gradients"))
     state.nonfinite_active = bool(keys) or any(
         s["nan_in"] or s["inf_in"] or s["nan_out"] or s["inf_out"] for s in stats.values())
