@@ -4,8 +4,10 @@ price of LN), forward and forward+backward, on the CPU (or --device cuda).
 
     python benchmarks/bench_ln_rnn.py [--shapes T,B,I,H ...] [--repeats 5] [--threads N] [--device cpu]
 
-Prints one row per (cell, shape, mode) with median milliseconds and the ratios composite/normscope (higher is
-better for normscope) and normscope/torch (the price of LN; 1.0 = free).
+Prints one row per (cell, shape, mode) with median milliseconds of normscope (the fused CPU kernels where they
+apply), normscope with ``fused=False`` (the per-step module calls that a Monitor or forward hooks get), the
+composite and torch, and the ratios composite/normscope (higher is better for normscope) and normscope/torch
+(the price of LN; 1.0 = free).
 """
 
 from __future__ import annotations
@@ -85,14 +87,17 @@ def main() -> None:
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, device {dev}")
-    print(f"{'cell':5} {'T,B,I,H':>16} {'mode':8} {'normscope ms':>13} {'composite ms':>13} {'torch ms':>9} "
-          f"{'composite/ns':>13} {'ns/torch':>9}")
+    print(f"{'cell':5} {'T,B,I,H':>16} {'mode':8} {'normscope ms':>13} {'unfused ms':>11} {'composite ms':>13} "
+          f"{'torch ms':>9} {'composite/ns':>13} {'ns/torch':>9}")
     for cell in args.cells.split(","):
         gru = cell == "gru"
         for shape in args.shapes:
             T, B, n_in, H = (int(v) for v in shape.split(","))
             torch.manual_seed(0)
             ours = (LayerNormGRU if gru else LayerNormLSTM)(n_in, H).to(dev)
+            unfused = (LayerNormGRU if gru else LayerNormLSTM)(n_in, H).to(dev)
+            unfused.load_state_dict(ours.state_dict())
+            unfused.fused = False
             comp = CompositeLNLSTM(ours, gru).to(dev)
             plain = (torch.nn.GRU if gru else torch.nn.LSTM)(n_in, H).to(dev)
             x = torch.randn(T, B, n_in, device=dev, requires_grad=True)
@@ -106,9 +111,10 @@ def main() -> None:
                     return lambda: m(x)[0].sum().backward()
 
                 t_ns = _time(call(ours), args.repeats, sync)
+                t_unf = _time(call(unfused), args.repeats, sync)
                 t_comp = _time(call(comp), args.repeats, sync)
                 t_torch = _time(call(plain), args.repeats, sync)
-                print(f"{cell:5} {shape:>16} {mode:8} {t_ns:13.2f} {t_comp:13.2f} {t_torch:9.2f} "
+                print(f"{cell:5} {shape:>16} {mode:8} {t_ns:13.2f} {t_unf:11.2f} {t_comp:13.2f} {t_torch:9.2f} "
                       f"{t_comp / t_ns:13.2f} {t_ns / t_torch:9.2f}", flush=True)
 
 

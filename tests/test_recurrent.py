@@ -7,6 +7,8 @@ documented names).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -290,3 +292,117 @@ def test_torch_compile_matches_eager():
 def test_public_in_normscope_nn():
     assert normscope.nn.LayerNormLSTM is LayerNormLSTM
     assert normscope.nn.LayerNormGRUCell is LayerNormGRUCell
+
+
+# ---- the fused CPU kernels (normscope.ops.rnn_cpu) against the per-step module path -------------------------
+
+
+def _run(m, x, hx, lengths, packed=False):
+    if packed:
+        seq = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, st = m(seq, hx)
+        out = pad_packed_sequence(out)[0]
+    else:
+        out, st = m(x, hx, lengths=lengths)
+    st = st if isinstance(st, tuple) else (st,)
+    (out.square().sum() + sum((s * s.detach().sign()).sum() for s in st)).backward()
+    return out, st, {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+@pytest.mark.parametrize("hx_given,bidir,packed", [(False, False, False), (True, True, False), (False, True, True),
+                                                   (True, False, True)])
+def test_fused_kernels_match_the_module_path_float64(monkeypatch, cls, hx_given, bidir, packed):
+    from normscope.ops import rnn_cpu
+
+    if not rnn_cpu.available():
+        pytest.fail(f"the fused recurrent kernels did not build: {rnn_cpu.unavailable_reason()}")
+    calls = []
+    for name in ("lstm_sequence", "gru_sequence"):
+        real = getattr(rnn_cpu, name)
+        monkeypatch.setattr(rnn_cpu, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    torch.manual_seed(11)
+    m = _randomize(cls(3, 5, num_layers=2, bidirectional=bidir, bias=not packed).double(), seed=3)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4, 1])
+    hx = None
+    if hx_given:
+        h0 = torch.randn(2 * (2 if bidir else 1), 4, 5, dtype=torch.float64)
+        hx = (h0, torch.randn_like(h0)) if cls is LayerNormLSTM else h0
+    fused = _run(m, x, hx, lengths, packed)
+    assert len(calls) == 2 * (2 if bidir else 1)  # every layer and direction went through the kernels
+    slow = copy.deepcopy(m)
+    slow.zero_grad()
+    slow.fused = False
+    ref = _run(slow, x, hx, lengths, packed)
+    assert len(calls) == 2 * (2 if bidir else 1)  # fused=False: not called again
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for name in ref[2]:
+        torch.testing.assert_close(fused[2][name], ref[2][name], rtol=1e-10, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_fused_float32_as_accurate_as_the_module_path(cls):
+    torch.manual_seed(12)
+    m64 = _randomize(cls(8, 32, num_layers=2).double(), seed=4)
+    x64 = torch.randn(40, 8, 8, dtype=torch.float64)
+    lengths = torch.randint(1, 41, (8,))
+    truth = _run(copy.deepcopy(m64), x64, None, lengths)
+    errs = {}
+    for fused in (True, False):
+        m = copy.deepcopy(m64).float()
+        m.fused = fused
+        out, st, grads = _run(m, x64.float(), None, lengths)
+        errs[fused] = [float((out.double() - truth[0]).abs().max())] + [
+            float((grads[n].double() - truth[2][n]).abs().max() / truth[2][n].abs().max()) for n in truth[2]]
+    for a, b in zip(errs[True], errs[False]):
+        assert a <= 2 * b + 1e-6, (errs[True], errs[False])
+
+
+def test_fused_path_gives_way_to_observers_and_transforms(monkeypatch):
+    from normscope.ops import rnn_cpu
+
+    calls = []
+    real = rnn_cpu.lstm_sequence
+    monkeypatch.setattr(rnn_cpu, "lstm_sequence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(13)
+    m = LayerNormLSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    m(x)
+    assert len(calls) == 1
+    handle = m.ln_hh_l0.register_forward_hook(lambda *a: None)  # a hook wants every per-step call
+    m(x)
+    handle.remove()
+    m(x.double().float().to(torch.bfloat16).float())
+    assert len(calls) == 2
+    m.to(torch.bfloat16)(x.to(torch.bfloat16))  # bfloat16: the module path (float32 statistics)
+    assert len(calls) == 2
+    m.float()
+    t = torch.randn_like(x)
+    out, jvp_out = torch.func.jvp(lambda v: m(v)[0], (x,), (t,))  # forward AD: the module path
+    assert len(calls) == 2 and torch.isfinite(jvp_out).all()
+    torch.testing.assert_close(out, m(x)[0], rtol=1e-5, atol=1e-6)
+    assert len(calls) == 3
+
+
+def test_unavailable_fused_kernels_warn_once_and_keep_the_values(monkeypatch):
+    import normscope.recurrent as rec
+    from normscope.ops import rnn_cpu
+
+    torch.manual_seed(14)
+    m = LayerNormGRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    want = m(x)[0]
+    monkeypatch.setattr(rnn_cpu, "available", lambda: False)
+    monkeypatch.setattr(rnn_cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    monkeypatch.setattr(rec, "_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler found"):
+        got = m(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)  # once per process

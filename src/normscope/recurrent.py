@@ -41,6 +41,8 @@ zeroed, so that the traced graph has no data-dependent shapes.)
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import List, Optional, Tuple, Union, cast
 
 import torch
@@ -295,9 +297,17 @@ def _pack(x: Tensor, lengths: Tensor) -> Tuple[Tensor, _Packing]:
     return data, _Packing(batch_sizes, order.to(x.device), unsorted.to(x.device), rows, B)
 
 
+#: Set to False (or the environment variable NORMSCOPE_RNN_FUSED=0) to run every layer through the per-step
+#: module calls instead of the fused CPU kernels; each layer also has a ``fused`` attribute.
+_WARNED = False  # the unavailable fused kernels are reported once per process
+_FUSED = os.environ.get("NORMSCOPE_RNN_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class _LNRecurrent(torch.nn.Module):
     gates: int = 4
     mode: str = "LSTM"
+    #: Run through the fused CPU kernels where they apply (see :meth:`_fused_ok` and docs/recurrent.md).
+    fused: bool = True
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, eps: float = 1e-5,
@@ -454,11 +464,56 @@ class _LNRecurrent(torch.nn.Module):
             return list(_lstm_step(xg, state[0], state[1], p["weight_hh"], p["ln_hh"], p["ln_c"], live))
         return [_gru_step(xg, state[0], p["weight_hh"], p["ln_hh"], p["bias_hh"], live)]
 
+    def _fused_ok(self, data: Tensor, state: List[Tensor], p: dict) -> bool:
+        """Whether this direction runs through the fused CPU kernels (normscope.ops.rnn_cpu)."""
+        if not (self.fused and _FUSED) or data.device.type != "cpu" or data.dtype not in (torch.float32,
+                                                                                        torch.float64):
+            return False
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return False
+        from torch.autograd import forward_ad
+
+        if forward_ad._current_level >= 0:  # forward-mode AD: the per-step ops have forward derivatives
+            return False
+        norms = [m for m in (p["ln_hh"], p["ln_c"]) if m is not None]
+        if any(m._forward_hooks or m._forward_pre_hooks or m.step_observers for m in norms):
+            return False  # observed per time step (a Monitor, forward hooks): each norm call must happen
+        from torch.nn.modules import module as _module
+
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return False
+        tensors = [t for t in (*state, p["weight_hh"], p["bias_hh"], *(m.weight for m in norms),
+                               getattr(p["ln_c"], "bias", None)) if t is not None]
+        if any(t.dtype != data.dtype or t.device != data.device for t in tensors):
+            return False
+        from normscope.ops import rnn_cpu
+
+        if rnn_cpu.available():
+            return True
+        global _WARNED
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(f"normscope: the fused LN-LSTM / LN-GRU CPU kernels are unavailable "
+                          f"({rnn_cpu.unavailable_reason()}); running the per-step ops instead (slower; same values)",
+                          RuntimeWarning, stacklevel=4)
+        return False
+
     def _run_packed(self, data: Tensor, pk: _Packing, state: List[Tensor], p: dict, reverse: bool,
                     zero_init: bool):
         """One direction of one layer over packed rows; returns (packed outputs ``(N, H)``, final state).
         ``zero_init``: the initial state is zeros (no ``hx``), so rows that have not run yet hold zeros."""
         xg = self._input_gates(data, p, pk)  # (N, G, H)
+        if self._fused_ok(data, state, p):
+            from normscope.ops import rnn_cpu
+
+            if self.mode == "LSTM":
+                out, h, c = rnn_cpu.lstm_sequence(xg, state[0], state[1], p["weight_hh"], p["ln_hh"].weight,
+                                                  p["ln_c"].weight, p["ln_c"].bias, pk.batch_sizes, reverse,
+                                                  zero_init, self.eps)
+                return out, [h, c]
+            out, h = rnn_cpu.gru_sequence(xg, state[0], p["weight_hh"], p["ln_hh"].weight, p["bias_hh"],
+                                          pk.batch_sizes, reverse, zero_init, self.eps)
+            return out, [h]
         chunks: List[Tensor] = [data.new_zeros(0, self.hidden_size)] * pk.steps
         started = 0  # the leading rows that have run at least one step (the batch is sorted longest first)
         for t in (range(pk.steps - 1, -1, -1) if reverse else range(pk.steps)):

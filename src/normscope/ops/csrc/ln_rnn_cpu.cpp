@@ -1,0 +1,356 @@
+// Fused per-step kernels of the layer-normalized LSTM and GRU (Ba, Kiros & Hinton, 2016) on the CPU.
+//
+// One call per time step does, for the n sequences running at that step, everything between the recurrent
+// matmul (done by torch) and the next one: the per-gate-block layer norm of the hidden pre-activations, the
+// gate nonlinearities, the state update and (LSTM) the layer norm of the cell state; the backward call does
+// the reverse. Rows k..n-1 hold the zero initial state (their normalized hidden term is exactly zero and is
+// not computed). Statistics are two-pass with the sums in double.
+// Rows are independent: a parallel loop over rows gives the same bits for any number of threads; the
+// parameter-gradient sums are done afterwards by ns_rnn_colsum in a fixed row order.
+//
+// No torch headers: plain pointers, loaded with ctypes by normscope/ops/rnn_cpu.py. All arrays contiguous.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+// float32 exp / tanh that the compiler vectorizes (the scalar libm calls cost ~20 ns each and dominated the
+// step): Cephes' expf and tanhf (range reduction + minimax polynomials; within 2 ulp of the correctly rounded
+// result over the range used here). float64 keeps libm's exp / tanh.
+inline float vexp(float x) {
+    x = std::min(std::max(x, -87.3f), 88.3f);
+    const float t = x * 1.44269504088896341f + 0.5f;
+    int32_t n = static_cast<int32_t>(t);
+    n -= static_cast<int32_t>(static_cast<float>(n) > t);  // floor(t), in a form the vectorizer takes
+    const float fx = static_cast<float>(n);
+    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    const float z = x * x;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    const int32_t bits = (n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);  // 2^fx
+    return y * scale;
+}
+
+inline float vtanh(float x) {
+    const float ax = std::fabs(x);
+    const float z = x * x;
+    float p = -5.70498872745e-3f;
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    const float small = p * z * x + x;
+    const float big = std::copysign(1.0f - 2.0f / (vexp(2.0f * ax) + 1.0f), x);
+    const float use_small = static_cast<float>(ax < 0.625f);  // a blend, not a branch: it vectorizes
+    return use_small * small + (1.0f - use_small) * big;
+}
+
+inline double vexp(double x) { return std::exp(x); }
+inline double vtanh(double x) { return std::tanh(x); }
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + vexp(-x)); }
+
+// Sums in double over 16 lanes (element j goes to lane j % 16), the lanes added in order at the end: a fixed
+// order (the same bits for any thread count) that the compiler vectorizes, which a single running sum is not
+// (reassociating it is not allowed without -ffast-math).
+constexpr int64_t kLanes = 16;
+
+template <typename T, typename F>
+inline double lane_sum(int64_t H, F term) {
+    double acc[kLanes] = {0};
+    int64_t j0 = 0;
+    for (; j0 + kLanes <= H; j0 += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) acc[l] += term(j0 + l);
+    for (int64_t l = 0; j0 + l < H; ++l) acc[l] += term(j0 + l);
+    double s = 0;
+    for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+    return s;
+}
+
+// mean / rstd of x[0..H) (two-pass), writes xhat = (x - mean) * rstd.
+template <typename T>
+inline T normalize(const T* x, int64_t H, T eps, T* xhat) {
+    const double mean = lane_sum<T>(H, [&](int64_t j) { return double(x[j]); }) / double(H);
+    const double v = lane_sum<T>(H, [&](int64_t j) {
+        const double d = double(x[j]) - mean;
+        return d * d;
+    });
+    const double rstd = 1.0 / std::sqrt(v / double(H) + double(eps));
+    const T m = T(mean), r = T(rstd);
+    for (int64_t j = 0; j < H; ++j) xhat[j] = (x[j] - m) * r;
+    return r;
+}
+
+// dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)); dx may alias dxhat.
+template <typename T>
+inline void normalize_bwd(const T* dxhat, const T* xhat, T rstd, int64_t H, T* dx) {
+    const T a = T(lane_sum<T>(H, [&](int64_t j) { return double(dxhat[j]); }) / double(H));
+    const T b = T(lane_sum<T>(H, [&](int64_t j) { return double(dxhat[j]) * double(xhat[j]); }) / double(H));
+    for (int64_t j = 0; j < H; ++j) dx[j] = rstd * (dxhat[j] - a - xhat[j] * b);
+}
+
+// LSTM forward step over the n running rows. xg (n,4,H): normalized input pre-activations + biases; p (k,4H):
+// W_hh h_prev of the live rows; h, c (>= n rows, H): the state, updated in place. Writes out (n,H) = the new h,
+// the previous state of each row to hprev / cprev (n,H), and what the backward needs: xhat (n,4,H) (zero for
+// rows >= k), rstd (n,4), gates (n,4,H) = sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), cn (n,H), rstd_c (n),
+// th (n,H).
+template <typename T>
+void lstm_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T* c, const T* g_hh, const T* g_c,
+              const T* b_c, T eps, T* out, T* hprev, T* cprev, T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th,
+              int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < n; ++r) {
+        const T* x = xg + r * 4 * H;
+        T* xh = xhat + r * 4 * H;
+        T* gt = gates + r * 4 * H;
+        for (int64_t q = 0; q < 4; ++q) {
+            T* a = gt + q * H;
+            if (r < k) {
+                rstd[r * 4 + q] = normalize(p + r * 4 * H + q * H, H, eps, xh + q * H);
+                for (int64_t j = 0; j < H; ++j) a[j] = x[q * H + j] + xh[q * H + j] * g_hh[q * H + j];
+            } else {
+                rstd[r * 4 + q] = 0;
+                for (int64_t j = 0; j < H; ++j) {
+                    xh[q * H + j] = 0;
+                    a[j] = x[q * H + j];
+                }
+            }
+            if (q == 2) {
+                for (int64_t j = 0; j < H; ++j) a[j] = vtanh(a[j]);
+            } else {
+                for (int64_t j = 0; j < H; ++j) a[j] = sigmoid(a[j]);
+            }
+        }
+        const T* gi = gt;
+        const T* gf = gt + H;
+        const T* gg = gt + 2 * H;
+        const T* go = gt + 3 * H;
+        T* hr = h + r * H;
+        T* cr = c + r * H;
+        T* hp = hprev + r * H;
+        T* cp = cprev + r * H;
+        for (int64_t j = 0; j < H; ++j) {
+            hp[j] = hr[j];
+            cp[j] = cr[j];
+            cr[j] = gf[j] * cp[j] + gi[j] * gg[j];
+        }
+        T* cnr = cn + r * H;
+        rstd_c[r] = normalize(cr, H, eps, cnr);
+        for (int64_t j = 0; j < H; ++j) {
+            const T t = vtanh(cnr[j] * g_c[j] + b_c[j]);
+            th[r * H + j] = t;
+            out[r * H + j] = go[j] * t;
+            hr[j] = go[j] * t;
+        }
+    }
+}
+
+// LSTM backward step over the n running rows. dout (n,H): dL/dh_t from the output; dh, dc (>= n rows, H): in
+// dL/dh_t, dL/dc_t from the later steps, out dL/dc_{t-1} in dc and zeros in dh for rows >= k (the rows < k get
+// dL/dh_{t-1} = dp W_hh from the caller). Writes dxg (n,4,H) (= dL/d gate pre-activation), dp (k,4H) (dL/d W_hh
+// h_prev of the live rows) and dy (n,H) (dL/d (cn * g_c + b_c), for the cell-norm parameter gradients).
+template <typename T>
+void lstm_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, T* dc, const T* c_prev, const T* g_hh,
+              const T* g_c, const T* xhat, const T* rstd, const T* gates, const T* cn, const T* rstd_c, const T* th,
+              T* dxg, T* dp, T* dy, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < n; ++r) {
+        const T* gt = gates + r * 4 * H;
+        const T* gi = gt;
+        const T* gf = gt + H;
+        const T* gg = gt + 2 * H;
+        const T* go = gt + 3 * H;
+        T* da = dxg + r * 4 * H;
+        T* dyr = dy + r * H;
+        T* dhr = dh + r * H;
+        // through h = o * tanh(y), y = cn * g_c + b_c
+        for (int64_t j = 0; j < H; ++j) {
+            const T t = th[r * H + j];
+            const T d = dhr[j] + dout[r * H + j];
+            da[3 * H + j] = d * t * go[j] * (T(1) - go[j]);
+            dyr[j] = d * go[j] * (T(1) - t * t);
+            da[j] = dyr[j] * g_c[j];  // dcn, staged in the i block
+        }
+        normalize_bwd(da, cn + r * H, rstd_c[r], H, da);  // dcn -> dc through the cell norm
+        T* dcr = dc + r * H;
+        for (int64_t j = 0; j < H; ++j) {
+            const T dct = dcr[j] + da[j];
+            da[j] = dct * gg[j] * gi[j] * (T(1) - gi[j]);
+            da[H + j] = dct * c_prev[r * H + j] * gf[j] * (T(1) - gf[j]);
+            da[2 * H + j] = dct * gi[j] * (T(1) - gg[j] * gg[j]);
+            dcr[j] = dct * gf[j];
+        }
+        if (r < k) {
+            T* dpr = dp + r * 4 * H;
+            for (int64_t q = 0; q < 4; ++q) {
+                for (int64_t j = 0; j < H; ++j) dpr[q * H + j] = da[q * H + j] * g_hh[q * H + j];
+                normalize_bwd(dpr + q * H, xhat + r * 4 * H + q * H, rstd[r * 4 + q], H, dpr + q * H);
+            }
+        } else {
+            for (int64_t j = 0; j < H; ++j) dhr[j] = 0;  // the zero initial state is a constant
+        }
+    }
+}
+
+// GRU forward step over the n running rows. xg (n,3,H): normalized input pre-activations + b_ih; p (k,3H);
+// h (>= n rows, H): the state, updated in place; b_hh (3H) or null. Writes out (n,H) = the new h, hprev (n,H),
+// xhat (n,3,H), rstd (n,3), gates (n,3,H) = r, z, n and hn (n,H) (the hidden term of n).
+template <typename T>
+void gru_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, const T* g_hh, const T* b_hh, T eps,
+             T* out, T* hprev, T* xhat, T* rstd, T* gates, T* hn, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < n; ++r) {
+        const T* x = xg + r * 3 * H;
+        T* xh = xhat + r * 3 * H;
+        T* gt = gates + r * 3 * H;
+        T* hnr = hn + r * H;
+        T* hr = h + r * H;
+        T* hp = hprev + r * H;
+        for (int64_t q = 0; q < 3; ++q) {
+            if (r < k) {
+                rstd[r * 3 + q] = normalize(p + r * 3 * H + q * H, H, eps, xh + q * H);
+            } else {
+                rstd[r * 3 + q] = 0;
+                for (int64_t j = 0; j < H; ++j) xh[q * H + j] = 0;
+            }
+        }
+        for (int64_t j = 0; j < H; ++j) {
+            T hrr = xh[j] * g_hh[j], hz = xh[H + j] * g_hh[H + j], hnn = xh[2 * H + j] * g_hh[2 * H + j];
+            if (b_hh) {
+                hrr += b_hh[j];
+                hz += b_hh[H + j];
+                hnn += b_hh[2 * H + j];
+            }
+            const T rg = sigmoid(x[j] + hrr);
+            const T zg = sigmoid(x[H + j] + hz);
+            const T ng = vtanh(x[2 * H + j] + rg * hnn);
+            gt[j] = rg;
+            gt[H + j] = zg;
+            gt[2 * H + j] = ng;
+            hnr[j] = hnn;
+            hp[j] = hr[j];
+            const T hnew = (T(1) - zg) * ng + zg * hp[j];
+            out[r * H + j] = hnew;
+            hr[j] = hnew;
+        }
+    }
+}
+
+// GRU backward step over the n running rows. dout (n,H): dL/dh_t from the output; dh (>= n rows, H): in dL/dh_t
+// from the later steps, out the direct part of dL/dh_{t-1} (z * dL/dh_t; the caller adds dp W_hh for the live
+// rows). Writes dxg (n,3,H), dhg (n,3,H) (dL/d hidden gate term, for b_hh and gamma_hh) and dp (k,3H).
+template <typename T>
+void gru_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_prev, const T* g_hh, const T* xhat,
+             const T* rstd, const T* gates, const T* hn, T* dxg, T* dhg, T* dp, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < n; ++r) {
+        const T* gt = gates + r * 3 * H;
+        T* dx = dxg + r * 3 * H;
+        T* dg = dhg + r * 3 * H;
+        for (int64_t j = 0; j < H; ++j) {
+            const T rg = gt[j], zg = gt[H + j], ng = gt[2 * H + j];
+            const T d = dh[r * H + j] + dout[r * H + j];
+            const T dan = d * (T(1) - zg) * (T(1) - ng * ng);
+            const T dar = dan * hn[r * H + j] * rg * (T(1) - rg);
+            const T daz = d * (h_prev[r * H + j] - ng) * zg * (T(1) - zg);
+            dx[j] = dar;
+            dx[H + j] = daz;
+            dx[2 * H + j] = dan;
+            dg[j] = dar;
+            dg[H + j] = daz;
+            dg[2 * H + j] = dan * rg;
+            dh[r * H + j] = d * zg;
+        }
+        if (r < k) {
+            T* dpr = dp + r * 3 * H;
+            for (int64_t q = 0; q < 3; ++q) {
+                for (int64_t j = 0; j < H; ++j) dpr[q * H + j] = dg[q * H + j] * g_hh[q * H + j];
+                normalize_bwd(dpr + q * H, xhat + r * 3 * H + q * H, rstd[r * 3 + q], H, dpr + q * H);
+            }
+        }
+    }
+}
+
+// out[c] = sum over rows r (in order) of a[r, c] * b[r, c] (b null: a[r, c]), accumulated in double. Each thread
+// owns a block of columns and streams the rows (row-major, vectorized); every column is summed in row order,
+// so the result does not depend on the number of threads.
+template <typename T>
+void colsum(int64_t R, int64_t C, const T* a, const T* b, T* out, int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+        const int64_t nt = 1, tid = 0;
+#endif
+        const int64_t block = ((C + nt - 1) / nt + 15) / 16 * 16;
+        const int64_t c0 = std::min(C, tid * block), c1 = std::min(C, c0 + block);
+        if (c1 > c0) {
+            std::vector<double> acc(c1 - c0, 0.0);
+            double* ac = acc.data();
+            for (int64_t r = 0; r < R; ++r) {
+                const T* ar = a + r * C + c0;
+                if (b) {
+                    const T* br = b + r * C + c0;
+                    for (int64_t c = 0; c < c1 - c0; ++c) ac[c] += double(ar[c]) * double(br[c]);
+                } else {
+                    for (int64_t c = 0; c < c1 - c0; ++c) ac[c] += double(ar[c]);
+                }
+            }
+            for (int64_t c = 0; c < c1 - c0; ++c) out[c0 + c] = T(ac[c]);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int ns_rnn_abi_version() { return 2; }
+
+#define NS_RNN_ENTRY(SFX, T)                                                                                      \
+    void ns_lstm_fwd_##SFX(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T* c, const T* g_hh,  \
+                           const T* g_c, const T* b_c, double eps, T* out, T* hprev, T* cprev, T* xhat, T* rstd,  \
+                           T* gates, T* cn, T* rstd_c, T* th, int threads) {                                      \
+        lstm_fwd<T>(n, k, H, xg, p, h, c, g_hh, g_c, b_c, T(eps), out, hprev, cprev, xhat, rstd, gates, cn,      \
+                    rstd_c, th, threads);                                                                         \
+    }                                                                                                             \
+    void ns_lstm_bwd_##SFX(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, T* dc, const T* c_prev,        \
+                           const T* g_hh, const T* g_c, const T* xhat, const T* rstd, const T* gates, const T* cn, \
+                           const T* rstd_c, const T* th, T* dxg, T* dp, T* dy, int threads) {                     \
+        lstm_bwd<T>(n, k, H, dout, dh, dc, c_prev, g_hh, g_c, xhat, rstd, gates, cn, rstd_c, th, dxg, dp, dy,    \
+                    threads);                                                                                     \
+    }                                                                                                             \
+    void ns_gru_fwd_##SFX(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, const T* g_hh,         \
+                          const T* b_hh, double eps, T* out, T* hprev, T* xhat, T* rstd, T* gates, T* hn,         \
+                          int threads) {                                                                          \
+        gru_fwd<T>(n, k, H, xg, p, h, g_hh, b_hh, T(eps), out, hprev, xhat, rstd, gates, hn, threads);           \
+    }                                                                                                             \
+    void ns_gru_bwd_##SFX(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_prev,                \
+                          const T* g_hh, const T* xhat, const T* rstd, const T* gates, const T* hn, T* dxg,       \
+                          T* dhg, T* dp, int threads) {                                                           \
+        gru_bwd<T>(n, k, H, dout, dh, h_prev, g_hh, xhat, rstd, gates, hn, dxg, dhg, dp, threads);               \
+    }                                                                                                             \
+    void ns_rnn_colsum_##SFX(int64_t R, int64_t C, const T* a, const T* b, T* out, int threads) {                 \
+        colsum<T>(R, C, a, b, out, threads);                                                                      \
+    }
+
+NS_RNN_ENTRY(f32, float)
+NS_RNN_ENTRY(f64, double)
+
+}  // extern "C"

@@ -1,0 +1,297 @@
+"""Fused CPU kernels of the layer-normalized LSTM / GRU recurrence (``csrc/ln_rnn_cpu.cpp``).
+
+Built on first use like :mod:`normscope.ops.cpu_backend` (the system C++ compiler, ``-O3 -march=native
+-fopenmp``, cached under ``$NORMSCOPE_CACHE_DIR`` or ``~/.cache/normscope`` by a hash of the source, flags,
+compiler and CPU; loaded with ctypes). Per time step, torch does the recurrent matmul and one kernel call does
+the rest (the per-gate-block layer norm of the hidden pre-activations, the gate nonlinearities, the state update
+and the LSTM's cell-state norm); the backward mirrors it, with the weight gradients of all steps as one matmul
+and the norm-gain gradients summed in a fixed row order (bitwise the same for any number of threads).
+
+:func:`lstm_sequence` / :func:`gru_sequence` run one direction of one layer over a packed batch and are
+differentiable (first order; see docs/recurrent.md for what takes the unfused path). float32 and float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from normscope.ops import cpu_backend as _cb
+
+__all__ = ["available", "unavailable_reason", "lstm_sequence", "gru_sequence"]
+
+_SRC = Path(__file__).resolve().parent / "csrc" / "ln_rnn_cpu.cpp"
+# -fno-trapping-math: comparisons may be if-converted (the clamps in vexp / vtanh vectorize); no value changes.
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-shared")
+_ABI = 2
+_SFX = {torch.float32: "f32", torch.float64: "f64"}
+_PARALLEL_MIN = 1 << 14  # below this many elements per step, one thread
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_error: Optional[str] = None
+
+
+def _build() -> Path:
+    cxx = _cb._compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    except FileNotFoundError:
+        raise RuntimeError(f"no C++ compiler found (tried {cxx!r}); install g++ or set CXX") from None
+    except (subprocess.SubprocessError, OSError) as e:
+        raise RuntimeError(f"the C++ compiler {cxx!r} does not run ({e}); set CXX to a working one") from None
+    key = hashlib.sha256(b"\0".join([_SRC.read_bytes(), " ".join(_FLAGS).encode(), version.encode(),
+                                     _cb._cpu_id().encode()])).hexdigest()[:20]
+    cache = _cb._cache_dir()
+    out = cache / f"ln_rnn_cpu_{key}.so"
+    if out.exists():
+        return out
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot create the kernel cache directory {cache} ({e}); set NORMSCOPE_CACHE_DIR to a "
+                           f"writable directory") from None
+    with _cb._file_lock(cache / f"ln_rnn_cpu_{key}.lock"):
+        if out.exists():
+            return out
+        fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=cache)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling {_SRC.name} with {cxx!r} failed (exit {proc.returncode}):\n"
+                                   f"{(proc.stdout + proc.stderr).strip()[-3000:]}")
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+def _get_lib() -> Optional[ctypes.CDLL]:
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                if lib.ns_rnn_abi_version() != _ABI:
+                    raise RuntimeError("the recurrent kernel library has the wrong ABI version; delete it and retry")
+                _declare(lib)
+                _lib = lib
+            except Exception as e:  # noqa: BLE001 - reported through available() / unavailable_reason()
+                _error = str(e) or type(e).__name__
+    return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    for sfx in _SFX.values():
+        for name, args in (
+            ("ns_lstm_fwd", [i64, i64, i64] + [ptr] * 7 + [dbl] + [ptr] * 9 + [cint]),
+            ("ns_lstm_bwd", [i64, i64, i64] + [ptr] * 15 + [cint]),
+            ("ns_gru_fwd", [i64, i64, i64] + [ptr] * 5 + [dbl] + [ptr] * 6 + [cint]),
+            ("ns_gru_bwd", [i64, i64, i64] + [ptr] * 11 + [cint]),
+            ("ns_rnn_colsum", [i64, i64, ptr, ptr, ptr, cint]),
+        ):
+            fn = getattr(lib, f"{name}_{sfx}")
+            fn.argtypes = args
+            fn.restype = None
+
+
+def available() -> bool:
+    """Whether the fused recurrent kernels are usable (builds them on the first call, a few seconds)."""
+    return _get_lib() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`available` is False (None when it is True)."""
+    _get_lib()
+    return _error
+
+
+def _fn(name: str, dtype: torch.dtype):
+    lib = _get_lib()
+    if lib is None:
+        raise RuntimeError(f"normscope's fused recurrent CPU kernels are unavailable: {_error}")
+    return getattr(lib, f"{name}_{_SFX[dtype]}")
+
+
+def _p(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _threads(elems: int) -> int:
+    return max(1, torch.get_num_threads()) if elems >= _PARALLEL_MIN else 1
+
+
+def _colsum(a: Tensor, b: Optional[Tensor], shape: Sequence[int]) -> Tensor:
+    """``(a * b).sum(0)`` (or ``a.sum(0)``) over rows in a fixed order, accumulated in float64."""
+    R = a.shape[0]
+    C = a.numel() // max(R, 1)
+    out = a.new_empty(C)
+    _fn("ns_rnn_colsum", a.dtype)(R, C, _p(a), _p(b), _p(out), _threads(R * C))
+    return out.view(*shape)
+
+
+class _Plan:
+    """The order of the steps of one direction over a packed batch, and the live rows of each step."""
+
+    def __init__(self, batch_sizes: Sequence[int], reverse: bool, zero_init: bool) -> None:
+        self.offsets = [0]
+        for n in batch_sizes:
+            self.offsets.append(self.offsets[-1] + int(n))
+        order = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
+        self.steps: List[Tuple[int, int, int]] = []  # (offset, n, live)
+        started = 0
+        for t in order:
+            n = int(batch_sizes[t])
+            if n == 0:
+                continue
+            live = min(started, n) if zero_init else n
+            started = max(started, n)
+            self.steps.append((self.offsets[t], n, live))
+
+
+class _Rows:
+    """Addresses of row ``r`` of contiguous tensors, by arithmetic (no view per step)."""
+
+    def __init__(self, *tensors: Tensor) -> None:
+        self.base = [t.data_ptr() for t in tensors]
+        self.row = [t.stride(0) * t.element_size() for t in tensors]
+
+    def at(self, r: int) -> List[int]:
+        return [b + r * s for b, s in zip(self.base, self.row)]
+
+
+class _LSTMSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, h0, c0, w_hh, g_hh, g_c, b_c, plan, eps):  # type: ignore[override]
+        N, H = xg.shape[0], h0.shape[1]
+        fwd = _fn("ns_lstm_fwd", xg.dtype)
+        xg, w_hh, g_hh, g_c, b_c = (t.contiguous() for t in (xg, w_hh, g_hh, g_c, b_c))
+        h, c = h0.clone(memory_format=torch.contiguous_format), c0.clone(memory_format=torch.contiguous_format)
+        out, hprev, cprev, cn, th = (xg.new_empty(N, H) for _ in range(5))
+        xhat, gates = xg.new_empty(N, 4, H), xg.new_empty(N, 4, H)
+        rstd, rstd_c = xg.new_empty(N, 4), xg.new_empty(N)
+        p = xg.new_empty(h.shape[0], 4 * H)
+        w_t = w_hh.t()
+        rows = _Rows(xg, out, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
+        fixed = (_p(p), _p(h), _p(c), _p(g_hh), _p(g_c), _p(b_c), float(eps))
+        B = h.shape[0]
+        for off, n, k in plan.steps:
+            if k == B:
+                torch.mm(h, w_t, out=p)
+            elif k:
+                torch.mm(h[:k], w_t, out=p[:k])
+            x_a, o_a, hp_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a = rows.at(off)
+            fwd(n, k, H, x_a, *fixed[:6], fixed[6], o_a, hp_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a,
+                _threads(n * 4 * H))
+        ctx.plan = plan
+        ctx.save_for_backward(w_hh, g_hh, g_c, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
+        return out, h, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dhT, dcT):  # type: ignore[override]
+        w_hh, g_hh, g_c, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th = ctx.saved_tensors
+        N, H = hprev.shape
+        bwd = _fn("ns_lstm_bwd", hprev.dtype)
+        dout = dout.contiguous()
+        dh = dhT.clone(memory_format=torch.contiguous_format)
+        dc = dcT.clone(memory_format=torch.contiguous_format)
+        dxg = hprev.new_empty(N, 4, H)
+        dp = hprev.new_zeros(N, 4 * H)
+        dy = hprev.new_empty(N, H)
+        rows = _Rows(dout, cprev, xhat, rstd, gates, cn, rstd_c, th, dxg, dp, dy)
+        fixed = (_p(dh), _p(dc))
+        consts = (_p(g_hh), _p(g_c))
+        for off, n, k in reversed(ctx.plan.steps):
+            d_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a, dx_a, dp_a, dy_a = rows.at(off)
+            bwd(n, k, H, d_a, *fixed, cp_a, *consts, xh_a, r_a, g_a, cn_a, rc_a, th_a, dx_a, dp_a, dy_a,
+                _threads(n * 4 * H))
+            if k:
+                torch.mm(dp[off:off + k], w_hh, out=dh[:k])
+        dw = dp.t().mm(hprev)
+        d_ghh = _colsum(dxg, xhat, (4, H))
+        d_gc = _colsum(dy, cn, (H,))
+        d_bc = _colsum(dy, None, (H,))
+        return dxg, dh, dc, dw, d_ghh, d_gc, d_bc, None, None
+
+
+class _GRUSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xg, h0, w_hh, g_hh, b_hh, plan, eps):  # type: ignore[override]
+        N, H = xg.shape[0], h0.shape[1]
+        fwd = _fn("ns_gru_fwd", xg.dtype)
+        xg, w_hh, g_hh = (t.contiguous() for t in (xg, w_hh, g_hh))
+        b = None if b_hh is None else b_hh.contiguous()
+        h = h0.clone(memory_format=torch.contiguous_format)
+        out, hprev, hn = xg.new_empty(N, H), xg.new_empty(N, H), xg.new_empty(N, H)
+        xhat, gates = xg.new_empty(N, 3, H), xg.new_empty(N, 3, H)
+        rstd = xg.new_empty(N, 3)
+        p = xg.new_empty(h.shape[0], 3 * H)
+        w_t = w_hh.t()
+        rows = _Rows(xg, out, hprev, xhat, rstd, gates, hn)
+        B = h.shape[0]
+        for off, n, k in plan.steps:
+            if k == B:
+                torch.mm(h, w_t, out=p)
+            elif k:
+                torch.mm(h[:k], w_t, out=p[:k])
+            x_a, o_a, hp_a, xh_a, r_a, g_a, hn_a = rows.at(off)
+            fwd(n, k, H, x_a, _p(p), _p(h), _p(g_hh), _p(b), float(eps), o_a, hp_a, xh_a, r_a, g_a, hn_a,
+                _threads(n * 3 * H))
+        ctx.plan, ctx.has_bias = plan, b_hh is not None
+        ctx.save_for_backward(w_hh, g_hh, hprev, xhat, rstd, gates, hn)
+        return out, h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dhT):  # type: ignore[override]
+        w_hh, g_hh, hprev, xhat, rstd, gates, hn = ctx.saved_tensors
+        N, H = hprev.shape
+        bwd = _fn("ns_gru_bwd", hprev.dtype)
+        dout = dout.contiguous()
+        dh = dhT.clone(memory_format=torch.contiguous_format)
+        dxg, dhg = hprev.new_empty(N, 3, H), hprev.new_empty(N, 3, H)
+        dp = hprev.new_zeros(N, 3 * H)
+        rows = _Rows(dout, hprev, xhat, rstd, gates, hn, dxg, dhg, dp)
+        for off, n, k in reversed(ctx.plan.steps):
+            d_a, hp_a, xh_a, r_a, g_a, hn_a, dx_a, dg_a, dp_a = rows.at(off)
+            bwd(n, k, H, d_a, _p(dh), hp_a, _p(g_hh), xh_a, r_a, g_a, hn_a, dx_a, dg_a, dp_a, _threads(n * 3 * H))
+            if k:
+                dh[:k].addmm_(dp[off:off + k], w_hh)
+        dw = dp.t().mm(hprev)
+        d_ghh = _colsum(dhg, xhat, (3, H))
+        d_bhh = _colsum(dhg, None, (3 * H,)) if ctx.has_bias else None
+        return dxg, dh, dw, d_ghh, d_bhh, None, None
+
+
+def lstm_sequence(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor,
+                  batch_sizes: Sequence[int], reverse: bool, zero_init: bool, eps: float
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    """One direction of an LN-LSTM layer over packed rows. ``xg`` ``(N, 4, H)``: the normalized input
+    pre-activations plus both biases; ``h0``, ``c0`` ``(B, H)`` (sorted like the packed batch). Returns
+    (outputs ``(N, H)``, final ``h``, final ``c``)."""
+    out, h, c = _LSTMSequence.apply(xg, h0, c0, w_hh, g_hh, g_c, b_c, _Plan(batch_sizes, reverse, zero_init), eps)
+    return out, h, c
+
+
+def gru_sequence(xg: Tensor, h0: Tensor, w_hh: Tensor, g_hh: Tensor, b_hh: Optional[Tensor],
+                 batch_sizes: Sequence[int], reverse: bool, zero_init: bool, eps: float) -> Tuple[Tensor, Tensor]:
+    """One direction of an LN-GRU layer over packed rows. ``xg`` ``(N, 3, H)``: the normalized input
+    pre-activations plus ``b_ih``. Returns (outputs ``(N, H)``, final ``h``)."""
+    out, h = _GRUSequence.apply(xg, h0, w_hh, g_hh, b_hh, _Plan(batch_sizes, reverse, zero_init), eps)
+    return out, h
