@@ -15,7 +15,7 @@ import functools
 import math
 import numbers
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -109,13 +109,25 @@ def _check_input(x: Tensor, shape: Tuple[int, ...], name: str = "input") -> None
 
 
 @_quiet_under_trace
-def _check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tensor) -> None:
+def _check_param(p: Optional[Tensor], name: str, shape: Tuple[int, ...], x: Tensor, heads: bool = False) -> None:
+    """``heads``: also accept a per-head parameter of shape ``(H, *normalized_shape)`` for an input
+    ``(*, H, *normalized_shape)``."""
     if p is None:
         return
     if not isinstance(p, Tensor):
         raise TypeError(f"Expected {name} to be a torch.Tensor or None, but got {type(p).__name__}")
     if p.dtype not in _FLOAT_DTYPES:
         raise _dtype_error(name, p.dtype)
+    k = len(shape)
+    if heads and len(p.shape) == k + 1 and k > 0 and tuple(p.shape[1:]) == shape:
+        if x.dim() < k + 1 or x.shape[x.dim() - k - 1] != p.shape[0]:
+            raise ShapeError(
+                f"Expected input of shape [*, {p.shape[0]}, {', '.join(map(str, shape))}] for a per-head {name} of "
+                f"shape {list(p.shape)}, but got input of size {list(x.shape)}"
+            )
+        if p.device != x.device:
+            raise _device_error(name, p, x)
+        return
     if tuple(p.shape) != shape:
         raise ShapeError(
             f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
@@ -244,7 +256,82 @@ def _run_transformed(x, residual, mask, weight, bias, shape, eps, rms, offset=0.
     return (y, h) if residual is not None else y
 
 
+def _stats_of(x, residual, mask, shape, eps, rms) -> Tuple[Optional[Tensor], Tensor]:
+    """(mean or None for RMSNorm, rstd) of each normalized row, shaped like the leading dims of ``x``, in the
+    accumulation dtype, detached: the statistics a call normalizes with (torch ops; used where the call itself
+    ran through differentiable torch ops or the per-head path)."""
+    n = math.prod(shape)
+    lead = x.shape[: x.dim() - len(shape)]
+    with torch.no_grad():
+        h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        acc = normscope.ops.core.acc_dtype(x.dtype, h_dtype or x.dtype)
+        v = x.reshape(-1, n).to(acc)
+        if residual is not None:
+            v = (v + residual.reshape(-1, n).to(acc)).to(h_dtype).to(acc)
+        m = None if mask is None else mask.expand(x.shape).reshape(-1, n)
+        _, _, mean, rstd = normscope.ops.reference.norm_fwd(v, None, m, None, None, eps, rms, None)
+    return (None if mean is None else mean.reshape(lead)), rstd.reshape(lead)
+
+
+def _per_head(weight: Optional[Tensor], bias: Optional[Tensor], shape: Tuple[int, ...]) -> bool:
+    # (len(shape), not dim(): ExpandedWeights parameters handle no dim())
+    k = len(shape)
+    return (weight is not None and len(weight.shape) > k) or (bias is not None and len(bias.shape) > k)
+
+
+def _run_stats(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
+    """``_run`` that also returns the statistics: ``(y, h, mean or None, rstd)``, mean / rstd detached, shaped
+    like the leading dims of ``x``, in the accumulation dtype."""
+    n = math.prod(shape)
+    lead = x.shape[: x.dim() - len(shape)]
+    if _per_head(weight, bias, shape):
+        out, stats = _run_per_head(x, residual, mask, weight, bias, shape, eps, rms, offset, with_stats=True)
+        y, h = out if residual is not None else (out, None)
+        return (y, h, *stats)
+    if type(x) is Tensor and n > 0 and not _transformed(x, residual, mask, weight, bias):
+        m2 = None if mask is None else mask.expand(x.shape).reshape(-1, n)
+        h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        args = (x.reshape(-1, n), _flat(residual, n), m2, _vec(weight, n), _vec(bias, n), eps, rms, h_dtype)
+        if offset != 0.0 and weight is not None:
+            y, h, mean, rstd = torch.ops.normscope.norm_fwd(*args, offset)
+        else:
+            y, h, mean, rstd = torch.ops.normscope.norm_fwd(*args)
+        y = y.view(x.shape)
+        h = h.view(x.shape) if residual is not None else None
+        fmt = _layout(x) if rms else None
+        if fmt is not None:
+            y = y.contiguous(memory_format=fmt)
+            h = h.contiguous(memory_format=fmt) if h is not None else None
+        return y, h, (None if rms else mean.detach().reshape(lead)), rstd.detach().reshape(lead)
+    out = _run(x, residual, mask, weight, bias, shape, eps, rms, offset)
+    y, h = out if residual is not None else (out, None)
+    mean, rstd = _stats_of(x, residual, mask, shape, eps, rms)
+    return y, h, mean, rstd
+
+
+def _run_per_head(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0, with_stats=False):
+    """``weight`` / ``bias`` of shape ``(H, *normalized_shape)`` for an input ``(*, H, *normalized_shape)``: each
+    row is normalized over ``normalized_shape`` only and scaled by its head's parameters (per-head QK-norm).
+    The statistics by the norm op in the accumulation dtype, the scale and shift applied in that dtype, then one
+    rounding to ``x``'s dtype (the numerics of the fused case; not fused: two passes)."""
+    core = normscope.ops.core
+    h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    acc = core.acc_dtype(x.dtype, h_dtype or x.dtype)
+    h = None if residual is None else (x.to(acc) + residual.to(acc)).to(h_dtype)  # what is normalized, as fused
+    xa = (x if h is None else h).to(acc)
+    ya, _, mean, rstd = _run_stats(xa, None, mask, None, None, shape, eps, rms)
+    if weight is not None:
+        ya = ya * (weight.to(acc) + offset)
+    if bias is not None:
+        ya = ya + bias.to(acc)
+    y = ya.to(x.dtype)
+    out = (y, h) if residual is not None else y
+    return (out, (mean, rstd)) if with_stats else out
+
+
 def _run(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
+    if _per_head(weight, bias, shape):
+        return _run_per_head(x, residual, mask, weight, bias, shape, eps, rms, offset)
     if type(x) is not Tensor and _sharding.is_dtensor(x):
         # DTensor: the ops on each rank's local rows (see normscope.ops._sharding).
         return _sharding.run(
@@ -271,6 +358,17 @@ def _run(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
     return (y, h) if residual is not None else y
 
 
+@overload
+def layer_norm(x: Tensor, normalized_shape: Shape, weight: Optional[Tensor] = ..., bias: Optional[Tensor] = ...,
+               eps: float = ..., *, offset: float = ..., return_stats: Literal[False] = ...) -> Tensor: ...
+
+
+@overload
+def layer_norm(x: Tensor, normalized_shape: Shape, weight: Optional[Tensor] = ..., bias: Optional[Tensor] = ...,
+               eps: float = ..., *, offset: float = ..., return_stats: Literal[True]) -> Tuple[Tensor, Tensor, Tensor]:
+    ...
+
+
 def layer_norm(
     x: Tensor,
     normalized_shape: Shape,
@@ -279,7 +377,8 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     offset: float = 0.0,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     r"""Layer normalization over the trailing ``normalized_shape`` dims.
 
     .. math::
@@ -293,16 +392,25 @@ def layer_norm(
     Args:
         x: input of shape ``(*, *normalized_shape)``, float16 / bfloat16 / float32 / float64.
         normalized_shape: int or sequence of ints, the trailing dims to normalize over.
-        weight: :math:`\gamma` of shape ``normalized_shape``, or None. Default: None.
-        bias: :math:`\beta` of shape ``normalized_shape``, or None. Default: None.
+        weight: :math:`\gamma` of shape ``normalized_shape``, or per head, ``(H, *normalized_shape)`` for an
+            input ``(*, H, *normalized_shape)`` (each head's rows normalized over ``normalized_shape`` only and
+            scaled by that head's row of ``weight``: per-head QK-norm, without a Python loop), or None.
+            Default: None.
+        bias: :math:`\beta`, the same shapes as ``weight``, or None. Default: None.
         eps: added to the variance. Default: ``1e-5``.
         offset: keyword-only; the scale applied is ``weight + offset``, formed in float32 (float64
             for float64 input) inside the kernels, never rounded to the weight's dtype; the gradient
             w.r.t. ``weight`` is unchanged. ``offset=1`` is Gemma's ``x * (1 + weight)``. Ignored
             without ``weight``. Default: 0.
+        return_stats: keyword-only; also return the statistics each row was normalized with: ``(y, mean,
+            rstd)``, ``mean`` and ``rstd`` of shape ``x.shape[:-len(normalized_shape)]`` in float32 (float64
+            for float64 input), detached. Default: False.
 
     Shape:
         Output has the shape and dtype of ``x``, contiguous.
+
+    Per-head parameters are applied after the norm op, in float32, with one rounding to ``x``'s dtype (the
+    numerics of a fused kernel, in two passes).
 
     Example::
 
@@ -312,9 +420,24 @@ def layer_norm(
     """
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)
-    _check_param(weight, "weight", shape, x)
-    _check_param(bias, "bias", shape, x)
-    return _run(x, None, None, weight, bias, shape, _check_eps(eps), False, _check_offset(offset))
+    _check_param(weight, "weight", shape, x, True)
+    _check_param(bias, "bias", shape, x, True)
+    eps, offset = _check_eps(eps), _check_offset(offset)
+    if return_stats:
+        y, _, mean, rstd = _run_stats(x, None, None, weight, bias, shape, eps, False, offset)
+        return y, mean, rstd
+    return _run(x, None, None, weight, bias, shape, eps, False, offset)
+
+
+@overload
+def rms_norm(x: Tensor, normalized_shape: Shape, weight: Optional[Tensor] = ..., eps: Optional[float] = ..., *,
+             bias: Optional[Tensor] = ..., offset: float = ..., return_stats: Literal[False] = ...) -> Tensor: ...
+
+
+@overload
+def rms_norm(x: Tensor, normalized_shape: Shape, weight: Optional[Tensor] = ..., eps: Optional[float] = ..., *,
+             bias: Optional[Tensor] = ..., offset: float = ..., return_stats: Literal[True]) -> Tuple[Tensor, Tensor]:
+    ...
 
 
 def rms_norm(
@@ -323,8 +446,10 @@ def rms_norm(
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
     *,
+    bias: Optional[Tensor] = None,
     offset: float = 0.0,
-) -> Tensor:
+    return_stats: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` dims.
 
     .. math::
@@ -333,12 +458,17 @@ def rms_norm(
     Args:
         x: input of shape ``(*, *normalized_shape)``.
         normalized_shape: int or sequence of ints.
-        weight: :math:`\gamma` of shape ``normalized_shape``, or None. Default: None.
+        weight: :math:`\gamma` of shape ``normalized_shape``, or per head ``(H, *normalized_shape)`` as in
+            :func:`layer_norm` (quack's ``rmsnorm_qk``), or None. Default: None.
         eps: added to the mean square. Default: None, meaning the epsilon of the accumulation
             dtype, ``torch.finfo(torch.float32).eps`` (float64's for float64 input), which is what
             :func:`torch.nn.functional.rms_norm` adds (also for float16 / bfloat16 input).
+        bias: keyword-only; a shift added after the scale (``y = x * rstd * gamma + beta``, as quack's and
+            some models' RMSNorm with bias), the shapes of ``weight``, or None. Default: None.
         offset: keyword-only, as in :func:`layer_norm`: ``weight + offset`` formed in float32
             (Gemma: ``offset=1``). Default: 0.
+        return_stats: keyword-only; also return ``rstd`` (``(y, rstd)``; shape
+            ``x.shape[:-len(normalized_shape)]``, float32, detached). Default: False.
 
     Shape:
         Output has the shape and dtype of ``x``, in ``x``'s memory format when that is
@@ -356,8 +486,13 @@ def rms_norm(
     if isinstance(weight, Tensor) and not (weight.dtype.is_floating_point or weight.dtype.is_complex):
         # an integer or bool weight: torch multiplies by it in float32 (float64 for float64 input)
         weight = weight.to(normscope.ops.core.acc_dtype(x.dtype))
-    _check_param(weight, "weight", shape, x)
-    return _run(x, None, None, weight, None, shape, _rms_eps(eps, x.dtype), True, _check_offset(offset))
+    _check_param(weight, "weight", shape, x, True)
+    _check_param(bias, "bias", shape, x, True)
+    eps_, offset = _rms_eps(eps, x.dtype), _check_offset(offset)
+    if return_stats:
+        y, _, _, rstd = _run_stats(x, None, None, weight, bias, shape, eps_, True, offset)
+        return y, rstd
+    return _run(x, None, None, weight, bias, shape, eps_, True, offset)
 
 
 def add_layer_norm(
@@ -388,8 +523,8 @@ def add_layer_norm(
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)
     _check_residual(residual, x)
-    _check_param(weight, "weight", shape, x)
-    _check_param(bias, "bias", shape, x)
+    _check_param(weight, "weight", shape, x, True)
+    _check_param(bias, "bias", shape, x, True)
     return _run(x, residual, None, weight, bias, shape, _check_eps(eps), False, _check_offset(offset))
 
 
@@ -400,13 +535,14 @@ def add_rms_norm(
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
     *,
+    bias: Optional[Tensor] = None,
     offset: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     r"""Fused residual add and RMSNorm: ``h = x + residual; y = rms_norm(h)`` in one pass.
 
     ``eps=None`` means the epsilon of ``h``'s accumulation dtype (``h`` is the tensor normalized), as
-    in :func:`rms_norm`. Dtype rules as
-    in :func:`add_layer_norm`.
+    in :func:`rms_norm`. Dtype rules as in :func:`add_layer_norm`; ``bias`` (keyword-only) and per-head
+    parameters as in :func:`rms_norm`.
 
     Returns:
         ``(y, h)``, both of the shape of ``x``.
@@ -414,9 +550,10 @@ def add_rms_norm(
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)
     _check_residual(residual, x)
-    _check_param(weight, "weight", shape, x)
+    _check_param(weight, "weight", shape, x, True)
+    _check_param(bias, "bias", shape, x, True)
     eps = _rms_eps(eps, torch.promote_types(x.dtype, residual.dtype))
-    return _run(x, residual, None, weight, None, shape, eps, True, _check_offset(offset))
+    return _run(x, residual, None, weight, bias, shape, eps, True, _check_offset(offset))
 
 
 def masked_layer_norm(
@@ -464,16 +601,18 @@ def masked_rms_norm(
     weight: Optional[Tensor] = None,
     eps: Optional[float] = None,
     *,
+    bias: Optional[Tensor] = None,
     offset: float = 0.0,
 ) -> Tensor:
     r"""RMSNorm whose mean square covers only the elements where ``mask`` is True.
 
     Output is 0 where ``mask`` is False; a sample with no valid element gives 0. ``eps=None``
     means float32's epsilon (float64's for float64 input), as in :func:`rms_norm`. Arguments as in
-    :func:`masked_layer_norm`.
+    :func:`masked_layer_norm`; ``bias`` (keyword-only) as in :func:`rms_norm`.
     """
     shape = _normalized_shape(normalized_shape)
     _check_input(x, shape)
     _check_mask(mask, x)
     _check_param(weight, "weight", shape, x)
-    return _run(x, None, mask, weight, None, shape, _rms_eps(eps, x.dtype), True, _check_offset(offset))
+    _check_param(bias, "bias", shape, x)
+    return _run(x, None, mask, weight, bias, shape, _rms_eps(eps, x.dtype), True, _check_offset(offset))

@@ -73,7 +73,8 @@ def _script_norm(
     if not ok:
         if rms:
             w = weight if weight is None or offset == 0.0 else weight + offset
-            return torch.nn.functional.rms_norm(x, shape, w, e)
+            r = torch.nn.functional.rms_norm(x, shape, w, e)
+            return r if bias is None else r + bias
         return torch.nn.functional.layer_norm(x, shape, weight, bias, e)
     w = None if weight is None else weight.reshape(n)
     b = None if bias is None else bias.reshape(n)
@@ -110,29 +111,43 @@ class RMSNorm(torch.nn.RMSNorm):
     r"""Drop-in :class:`torch.nn.RMSNorm` running :func:`normscope.rms_norm`.
 
     Same arguments as torch's (``normalized_shape, eps=None, elementwise_affine=True, device=None,
-    dtype=None``) plus a keyword-only ``weight_offset`` (default 0): the scale applied is
+    dtype=None``) plus keyword-only ``weight_offset`` (default 0): the scale applied is
     ``weight_offset + weight``, formed in float32 (as Gemma's ``1.0 + weight.float()``), so
     Gemma-style modules that store ``weight`` around 0 and multiply by ``1 + weight`` convert with
-    their checkpoints unchanged. A channels-last input gives a channels-last output, as in torch.
+    their checkpoints unchanged; and ``bias`` (default False): a learnable shift of shape
+    ``normalized_shape`` added after the scale (``y = x * rstd * weight + bias``; with
+    ``elementwise_affine=True`` only). A channels-last input gives a channels-last output, as in torch.
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
-                 dtype=None, *, weight_offset: float = 0.0):
+                 dtype=None, *, weight_offset: float = 0.0, bias: bool = False):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.weight_offset = float(weight_offset)
+        if bias and elementwise_affine:
+            self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "bias", None) is not None:
+            torch.nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
-            return _script_norm(input, self.normalized_shape, self.weight, None, self.eps, True, self.weight_offset)
+            return _script_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, True,
+                                self.weight_offset)
         # the offset is added in float32 inside the kernels (Gemma's ``weight.float() + 1``), not
         # in the weight's dtype, where bfloat16 would round it
         offset = getattr(self, "weight_offset", 0.0)
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, offset=offset)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps, bias=getattr(self, "bias", None),
+                          offset=offset)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
         offset = getattr(self, "weight_offset", 0.0)
-        return s + (f", weight_offset={offset}" if offset != 0.0 else "")
+        s += f", weight_offset={offset}" if offset != 0.0 else ""
+        return s + (", bias=True" if getattr(self, "bias", None) is not None else "")
 
 
 @dataclass(frozen=True)
@@ -239,6 +254,8 @@ def convert(
             module.__class__ = target
             if target is RMSNorm:
                 module.weight_offset = 0.0
+                if "bias" not in module._parameters:
+                    module.register_parameter("bias", None)
             result.replaced.append(Replacement(name, cls.__name__, target.__name__))
             continue
         if isinstance(module, _NOT_CONVERTED):
