@@ -100,11 +100,31 @@ class NotRMS(torch.nn.Module):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, None, self.variance_epsilon)
 
 
+class Scale(NotRMS):
+    """Has a weight and an eps but is no norm at all."""
+
+    def forward(self, x):
+        return x * self.weight
+
+
 def test_convert_skips_lookalikes():
-    model = torch.nn.Sequential(NotRMS(8))
+    model = torch.nn.Sequential(Scale(8))
     result = normscope.convert(model)
-    assert len(result) == 0 and isinstance(model[0], NotRMS)
+    assert len(result) == 0 and isinstance(model[0], Scale)
     assert "do not match RMSNorm" in result.skipped[0].reason
+
+
+def test_convert_swaps_a_layernorm_written_by_hand_for_normscopes_after_the_probes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(NotRMS(8))  # a LayerNorm without bias, over the last axis, not an RMSNorm
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 8)
+    want = model(x)
+    result = normscope.convert(model)
+    assert [(r.original, r.replacement) for r in result.replaced] == [("NotRMS", "LayerNorm")]
+    assert isinstance(model[0], normscope.nn.LayerNorm) and model[0].bias is None
+    torch.testing.assert_close(model(x), want)
 
 
 transformers = importlib.import_module("transformers")

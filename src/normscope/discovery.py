@@ -324,6 +324,8 @@ def find_norm_layers(
             eps = None if module.eps is None else float(module.eps)
             if _torch_forward(module):
                 dims: Optional[Tuple[int, ...]] = tuple(range(-len(shape), 0))
+            elif getattr(type(module), "_normscope_channels_first", False):  # normscope.nn.LayerNorm2d
+                dims = (1,)
             elif len(shape) == 1:  # a subclass with its own forward (timm's LayerNorm2d permutes around it)
                 dims = probe_norm_dims(module, shape[0], eps, kinds=(kind,))[2]
             else:

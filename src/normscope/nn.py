@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from normscope import functional as F
-from normscope.discovery import probe_rms_style
+from normscope.discovery import probe_norm_dims, probe_rms_style
+from normscope.errors import ShapeError
 
-__all__ = ["LayerNorm", "RMSNorm", "convert", "ConvertResult", "Replacement", "Skipped",
+__all__ = ["LayerNorm", "LayerNorm2d", "RMSNorm", "convert", "ConvertResult", "Replacement", "Skipped",
            "LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell"]
 
 
@@ -105,6 +106,36 @@ class LayerNorm(torch.nn.LayerNorm):
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             return _script_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, False, 0.0)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class LayerNorm2d(torch.nn.LayerNorm):
+    r"""Channels-first LayerNorm: normalizes over dim 1 (the channels) of an ``(N, C, *spatial)`` input at each
+    position, as timm's ``LayerNorm2d`` and ConvNeXt's ``LayerNorm(data_format="channels_first")``.
+
+    Same arguments as :class:`torch.nn.LayerNorm` with ``normalized_shape = C`` (``num_channels, eps=1e-6,
+    elementwise_affine=True, bias=True, device=None, dtype=None``; timm's default eps); parameters ``weight`` /
+    ``bias`` of shape ``(C,)``, the state-dict keys of timm's module. Runs :func:`normscope.layer_norm` on the
+    channels-last view: a channels-last input (``torch.channels_last`` / ``channels_last_3d``) is normalized
+    without a copy and the output is channels-last too; a contiguous ``NCHW`` input is permuted and copied once,
+    as timm's module does (the output has the same strides as timm's).
+    """
+
+    _normscope_channels_first = True
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                         dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2:
+            raise ShapeError(f"Expected input of shape (N, C, ...) with C = {self.normalized_shape[0]}, but got "
+                             f"{input.dim()}-D tensor of size {list(input.shape)}")
+        if input.shape[1] != self.normalized_shape[0]:
+            raise ShapeError(f"Expected input with {self.normalized_shape[0]} channels in dim 1, but got input of "
+                             f"size {list(input.shape)}")
+        y = F.layer_norm(input.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -233,7 +264,7 @@ def convert(
     result = ConvertResult()
     for name, module in list(model.named_modules()):
         cls = type(module)
-        if isinstance(module, (LayerNorm, RMSNorm)) or getattr(cls, "_normscope_recurrent_norm", False):
+        if isinstance(module, (LayerNorm, LayerNorm2d, RMSNorm)) or getattr(cls, "_normscope_recurrent_norm", False):
             continue  # normscope's own (the norms inside LayerNormLSTM / LayerNormGRU run normscope's op already)
         target = _SWAP.get(cls)
         is_subclass = target is None and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
@@ -245,9 +276,26 @@ def convert(
         if filter_fn is not None and not filter_fn(module, name):
             result.skipped.append(Skipped(name, cls.__name__, "filter_fn returned False"))
             continue
+        probe_cf = (is_subclass or target is None) and not isinstance(module, _NOT_CONVERTED)
+        probed = _probed_layer_norm(module) if probe_cf else None
+        if probed is not None:
+            weight, bias, eps, dims = probed
+            target_cls = LayerNorm2d if dims == (1,) else LayerNorm
+            if not name:
+                raise ValueError(f"Expected a model containing normalization layers, but got a bare {cls.__name__}; "
+                                 f"wrap it in a container or use normscope.nn.{target_cls.__name__} directly")
+            new = target_cls(weight.shape[0], eps=eps, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            new.weight = weight
+            if bias is not None:
+                new.bias = bias
+            new.train(module.training)
+            _set_submodule(model, name, new)
+            result.replaced.append(Replacement(name, cls.__name__, target_cls.__name__))
+            continue
         if is_subclass:
             result.skipped.append(
-                Skipped(name, cls.__name__, "subclass of a torch norm with its own forward")
+                Skipped(name, cls.__name__, "subclass of a torch norm with its own forward that the probes did not "
+                                            "confirm as a LayerNorm over the channels or the last axis")
             )
             continue
         if target is not None:
@@ -280,6 +328,30 @@ def convert(
         _set_submodule(model, name, new)
         result.replaced.append(Replacement(name, cls.__name__, RMSNorm.__name__))
     return result
+
+
+def _probed_layer_norm(module: torch.nn.Module):
+    """``(weight, bias or None, eps, norm_dims)`` of a module with its own ``forward`` that the probes confirm as a
+    LayerNorm with scale ``weight`` over the channels (``norm_dims == (1,)``: timm's ``LayerNorm2d``, ConvNeXt's
+    ``LayerNorm(data_format="channels_first")``) or over the last axis (``(-1,)``: a ``LayerNorm`` subclass that
+    permutes nothing, Hugging Face's ``ConvNextLayerNorm(data_format="channels_last")``), else None."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or next(module.children(), None) is not None:
+        return None
+    if bias is not None and (not isinstance(bias, torch.nn.Parameter) or bias.shape != weight.shape):
+        return None
+    eps = None
+    for attr in ("eps", "variance_epsilon"):
+        v = getattr(module, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            eps = float(v)
+            break
+    if eps is None:
+        return None
+    kind, offset, dims, _ = probe_norm_dims(module, int(weight.shape[0]), eps, kinds=("layer_norm",))
+    if kind != "layer_norm" or dims not in ((1,), (-1,)) or offset:
+        return None
+    return weight, bias, eps, dims
 
 
 # Layer-normalized recurrent layers (normscope.recurrent), public here with the other modules.
