@@ -140,3 +140,29 @@ def test_checker_rejects_a_dashboard_with_an_unknown_metric():
     board["panels"][1]["targets"][0]["expr"] = 'rate(normscope_inference_errors_total{reason="oops"}[5m])'
     bad = [(w, e) for w, e in _exprs(board) if unknown_metric_names(e, recording_rule_names())]
     assert [w for w, _ in bad] == [f"panel {board['panels'][1]['id']} {board['panels'][1]['title']!r}"]
+
+
+def _by_labels(expr: str) -> set:
+    """The labels of every ``by (...)`` clause of ``expr``."""
+    return {lb.strip() for group in re.findall(r"\bby\s*\(([^)]*)\)", expr) for lb in group.split(",") if lb.strip()}
+
+
+def test_oncall_shows_the_config_mismatch_and_the_served_fingerprint():
+    from normscope.serving.metrics import get_metric
+
+    board = _load(GRAFANA_DIR / "normscope-oncall.json")
+    uses: dict = {}
+    for p in _panels(board):
+        for t in p.get("targets", []):
+            for name in promql_metric_names(t["expr"]):
+                uses.setdefault(name, []).append((p, t["expr"]))
+    # one panel plots normscope_config_mismatch, a catalogue gauge of the serving wrapper, per model version
+    ((panel, expr),) = uses["normscope_config_mismatch"]
+    mismatch = get_metric("normscope_config_mismatch")
+    assert (mismatch.source, mismatch.type) == ("serving", "gauge")
+    assert {"model", "model_version"} <= _by_labels(expr) <= set(mismatch.labels) | {"instance", "job"}
+    assert "mismatch" in panel["title"].lower() and panel["fieldConfig"]["defaults"]["max"] == 1
+    # and one shows the served fingerprint, a label of normscope_build_info
+    fingerprint_panels = [(p, e) for p, e in uses["normscope_build_info"] if "fingerprint" in _by_labels(e)]
+    assert len(fingerprint_panels) == 1
+    assert _by_labels(fingerprint_panels[0][1]) <= set(get_metric("normscope_build_info").labels)

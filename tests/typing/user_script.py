@@ -82,9 +82,11 @@ PUBLIC_MODULES = (
     "normscope.serving",
     "normscope.report",
     "normscope.audit",
+    "normscope.compare",
     "normscope.integrations.hf",
     "normscope.integrations.lightning",
     "normscope.integrations.mlflow",
+    "normscope.serving.otel",
     "normscope.functional",
     "normscope.ops.reference",
 )
@@ -124,6 +126,8 @@ def ops() -> None:
     qk: torch.Tensor = normscope.rms_norm(x.view(4, 8, 2, 8), 8, torch.ones(2, 8))  # per-head weight
     print("stats:", tuple(mean_s.shape), tuple(rstd_s.shape), tuple(r_s[1].shape), tuple(qk.shape), y_s.dtype)
     ln: torch.nn.Module = normscope.nn.LayerNorm(16)
+    ln2d: torch.nn.Module = normscope.nn.LayerNorm2d(4)
+    print("channels-first:", tuple(ln2d(torch.randn(2, 4, 3, 3)).shape))
     rms: torch.nn.Module = normscope.nn.RMSNorm(16, weight_offset=1.0, bias=True)
     lstm = normscope.nn.LayerNormLSTM(16, 8, batch_first=True, bidirectional=True)
     seq, (h_n, c_n) = lstm(x, lengths=torch.tensor([8, 5, 3, 1]))
@@ -251,6 +255,24 @@ def serving_and_report(tmp: Path) -> None:
     )
     out = wrapped(torch.randn(2, 5, 16))
     print("served", tuple(out.shape), len(wrapped.metrics_text()) > 0)
+    from normscope.serving.otel import (
+        OTEL_HINT,
+        OTEL_METRICS,
+        SPAN_NAME,
+        OtelInstrumentation,
+        PrometheusBridgeReader,
+        instrument_otel,
+        locate_nonfinite,
+        prometheus_name,
+    )
+
+    traced: OtelInstrumentation = instrument_otel(wrapped, metrics=True)
+    wrapped(torch.randn(2, 5, 16))
+    bridge = PrometheusBridgeReader(__import__("prometheus_client").CollectorRegistry())
+    layer: Optional[str] = locate_nonfinite(torch.nn.LayerNorm(8), (torch.randn(2, 8),))
+    otel_name: str = prometheus_name("a.b", "s", False)
+    print("otel:", OTEL_HINT[:10], SPAN_NAME, len(OTEL_METRICS), layer, otel_name, type(bridge).__name__)
+    traced.uninstrument()
 
     @normscope.serving.instrumented(model="fn", model_version="2")
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -287,6 +309,15 @@ def serving_and_report(tmp: Path) -> None:
     (tmp / "audit.json").write_text(__import__("json").dumps(result))
     baseline: Dict[str, Any] = normscope.audit.load_baseline(str(tmp / "audit.json"))
     print("baseline keys", len(baseline))
+    import normscope.compare as canary
+
+    gate: Dict[str, Any] = canary.compare(
+        model, __import__("copy").deepcopy(model), (torch.randn(2, 5, 16),),
+        thresholds=canary.CompareThresholds(latency_ratio=float("inf")), latency=False, quantization=False)
+    stored: Dict[str, Any] = canary.load_audit_json(str(tmp / "audit.json"))
+    print(canary.summary_text(gate), len(canary.CHECKS), len(stored))
+    if gate["verdict"] != "go":
+        raise RuntimeError(f"Expected an identical model to be a go, but got {gate['verdict']}")
     try:
         chromium: str = normscope.report.find_chromium()
     except FileNotFoundError:

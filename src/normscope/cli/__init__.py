@@ -4,6 +4,8 @@ One module per subcommand, each exposing ``add_parser(subparsers)`` and ``run(ar
 
 * ``normscope audit`` -- audit a model's normalization layers (default: the bundled MiniLM), HTML report;
 * ``normscope bench`` -- run the benchmark harness (:mod:`normscope.bench`) and print its tables;
+* ``normscope compare`` -- the canary gate: a candidate model against a baseline (a model or an audit JSON),
+  exit 0 go / 1 no-go;
 * ``normscope env`` -- versions, CUDA and the backend normscope would choose;
 * ``normscope export`` -- export a model to ONNX, count its norm operators and verify it.
 
@@ -22,7 +24,7 @@ from normscope import __version__
 
 __all__ = ["main", "build_parser", "ArgumentParser", "SUBCOMMANDS"]
 
-SUBCOMMANDS = ("audit", "bench", "env", "export")
+SUBCOMMANDS = ("audit", "bench", "compare", "env", "export")
 
 
 class ArgumentParser(argparse.ArgumentParser):

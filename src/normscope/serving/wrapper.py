@@ -56,7 +56,13 @@ class BadInputError(ValueError):
 
 
 class NonFiniteOutputError(RuntimeError):
-    """The output of an instrumented call held NaN or Inf (reason ``nonfinite_output``); it was not returned."""
+    """The output of an instrumented call held NaN or Inf (reason ``nonfinite_output``); it was not returned.
+
+    Raised by the wrapper with ``count`` (NaN/Inf elements) and ``shape`` (of the checked output) set.
+    """
+
+    count: Optional[int] = None
+    shape: Optional[list] = None
 
 
 def _prometheus():
@@ -466,6 +472,7 @@ class InstrumentedModel:
         self._batch_size_fn = batch_size_fn
         self._inference_mode = bool(inference_mode) and is_module
         self._closed = False
+        self._call_hook: Optional[Callable[..., Any]] = None  # hook(call, args, kwargs), e.g. instrument_otel
 
         m = _serving_metrics(prom, self.registry)
         mv = (model, model_version)
@@ -559,6 +566,12 @@ class InstrumentedModel:
 
     def __call__(self, *args, **kwargs):
         """Run one inference call with telemetry (see the class docstring); returns the model's output."""
+        hook = self._call_hook
+        if hook is not None:
+            return hook(self._call, args, kwargs)
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         t0 = time.perf_counter()
         reason = None
         bs = None
@@ -585,9 +598,11 @@ class InstrumentedModel:
             bad = _nonfinite_count(pred)
             if bad:
                 self._nonfinite.inc(bad)
-                raise NonFiniteOutputError(f"Expected finite outputs from model {self.model!r} version "
+                err = NonFiniteOutputError(f"Expected finite outputs from model {self.model!r} version "
                                            f"{self.model_version!r}, but got {bad} NaN/Inf elements "
                                            f"(shape {list(pred.shape)}); the output was not returned")
+                err.count, err.shape = bad, list(pred.shape)
+                raise err
             if bs is None:
                 bs = _rows_of(pred)
             if self._window is not None and pred is not None:
