@@ -977,7 +977,9 @@ def summary_text(result: Dict[str, Any], *, width: int = 120, max_findings: int 
     lines.append("")
     heads = []
     if s.get("worst_sqnr_db") is not None:
-        heads.append(f"worst gamma/beta rounding SQNR {_fmt(s['worst_sqnr_db'])} dB ({s.get('worst_sqnr_layer')})")
+        onnx_graph = str((result.get("model") or {}).get("class", "")).startswith("ONNX graph")
+        what = "worst int8 norm-output SQNR" if onnx_graph else "worst gamma/beta rounding SQNR"
+        heads.append(f"{what} {_fmt(s['worst_sqnr_db'])} dB ({s.get('worst_sqnr_layer')})")
     if s.get("int8_cosine") is not None:
         heads.append(f"dynamic int8: SQNR {_fmt(s.get('int8_sqnr_db'))} dB, cosine {_fmt(s['int8_cosine'], 5)}")
     ex = result.get("export")

