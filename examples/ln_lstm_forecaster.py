@@ -2,7 +2,7 @@
 time steps with and without layer normalization in the cell.
 
     python examples/ln_lstm_forecaster.py                          # writes ln_lstm_forecaster.png
-    python examples/ln_lstm_forecaster.py --steps 100 --out /tmp/f.png --jsonl /tmp/monitor.jsonl
+    python examples/ln_lstm_forecaster.py --steps 100 --out forecast.png --jsonl monitor.jsonl
 
 The series is a daily plus a weekly cycle (hourly samples) with noise; each model reads a window of ``--window``
 steps and predicts the next value. Two models with the same sizes are trained with Adam on the same batches:
