@@ -421,6 +421,7 @@ def export_onnx(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Expected model to be a torch.nn.Module, but got {type(model).__name__}")
     args, kwargs = _split_inputs(example_inputs)
+    kwargs = _without_cache(model, kwargs)
     path = _check_path(path)
     opset = _check_opset(opset)
     if not isinstance(verify, bool):
@@ -438,6 +439,21 @@ def export_onnx(
         report = _export_and_check(model, args, kwargs, work.file, opset, verify, cached_file, cached, layers)
         work.publish()
     return dataclasses.replace(report, path=path)
+
+
+def _without_cache(model: torch.nn.Module, kwargs: dict) -> dict:
+    """``use_cache=False`` for a model whose ``forward`` takes ``use_cache`` when the caller did not set it: a Hugging
+    Face decoder or encoder-decoder otherwise returns its key/value cache object (T5, Whisper return one even with
+    ``config.use_cache=False``), which the exporter cannot flatten; the exported graph is the no-cache forward."""
+    import inspect
+
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {**kwargs, "use_cache": False} if "use_cache" in params else kwargs
 
 
 def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cached, layers) -> ExportReport:
