@@ -289,19 +289,7 @@ def _run_stats(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
         y, h = out if residual is not None else (out, None)
         return (y, h, *stats)
     if type(x) is Tensor and n > 0 and not _transformed(x, residual, mask, weight, bias):
-        m2 = None if mask is None else mask.expand(x.shape).reshape(-1, n)
-        h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        args = (x.reshape(-1, n), _flat(residual, n), m2, _vec(weight, n), _vec(bias, n), eps, rms, h_dtype)
-        if offset != 0.0 and weight is not None:
-            y, h, mean, rstd = torch.ops.normscope.norm_fwd(*args, offset)
-        else:
-            y, h, mean, rstd = torch.ops.normscope.norm_fwd(*args)
-        y = y.view(x.shape)
-        h = h.view(x.shape) if residual is not None else None
-        fmt = _layout(x) if rms else None
-        if fmt is not None:
-            y = y.contiguous(memory_format=fmt)
-            h = h.contiguous(memory_format=fmt) if h is not None else None
+        y, h, mean, rstd = _run_op(x, residual, mask, weight, bias, shape, eps, rms, offset)
         return y, h, (None if rms else mean.detach().reshape(lead)), rstd.detach().reshape(lead)
     out = _run(x, residual, mask, weight, bias, shape, eps, rms, offset)
     y, h = out if residual is not None else (out, None)
@@ -340,13 +328,20 @@ def _run(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
     n = math.prod(shape)
     if n == 0 or _transformed(x, residual, mask, weight, bias):
         return _run_transformed(x, residual, mask, weight, bias, shape, eps, rms, offset)
+    y, h, _, _ = _run_op(x, residual, mask, weight, bias, shape, eps, rms, offset)
+    return (y, h) if residual is not None else y
+
+
+def _run_op(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
+    """``normscope::norm_fwd`` on the 2-D view: ``(y, h or None, mean, rstd)`` with ``y`` / ``h`` in ``x``'s shape."""
+    n = math.prod(shape)
     m2 = None if mask is None else mask.expand(x.shape).reshape(-1, n)
     h_dtype = None if residual is None else torch.promote_types(x.dtype, residual.dtype)
     args = (x.reshape(-1, n), _flat(residual, n), m2, _vec(weight, n), _vec(bias, n), eps, rms, h_dtype)
     if offset != 0.0 and weight is not None:
-        y, h, _, _ = torch.ops.normscope.norm_fwd(*args, offset)
+        y, h, mean, rstd = torch.ops.normscope.norm_fwd(*args, offset)
     else:
-        y, h, _, _ = torch.ops.normscope.norm_fwd(*args)
+        y, h, mean, rstd = torch.ops.normscope.norm_fwd(*args)
     y = y.view(x.shape)
     h = h.view(x.shape) if residual is not None else None
     # RMSNorm keeps a channels-last input's layout, as torch's (elementwise) RMSNorm does;
@@ -355,7 +350,7 @@ def _run(x, residual, mask, weight, bias, shape, eps, rms, offset=0.0):
     if fmt is not None:
         y = y.contiguous(memory_format=fmt)
         h = h.contiguous(memory_format=fmt) if h is not None else None
-    return (y, h) if residual is not None else y
+    return y, h, mean, rstd
 
 
 @overload

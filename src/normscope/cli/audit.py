@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HELP = "audit a model's normalization layers (default: the bundled all-MiniLM-L6-v2) and write an HTML report"
 
@@ -330,31 +330,51 @@ def _run_onnx(args: argparse.Namespace, progress: "_Progress", fail) -> int:
     return _write_outputs(args, result, fail)
 
 
+def write_outputs(result: dict, summary: str, json_path: Optional[str], report_path: Optional[str],
+                  write_report: Callable[[dict, str], Any], fail: Callable[[str], int]) -> Tuple[Any, Optional[int]]:
+    """Print ``summary`` and write the JSON and the HTML report of a result (``None`` paths: not written).
+
+    When standard output carries the JSON or the report (``-``), the summary and the status lines go to standard
+    error. Returns ``(the status stream, None)``, or ``(stream, fail(message))`` when a file cannot be written.
+    """
+    from normscope._paths import is_stdout
+
+    data_on_stdout = is_stdout(json_path) or (report_path is not None and is_stdout(report_path))
+    status = sys.stderr if data_on_stdout else sys.stdout
+    status.write(summary)
+    status.flush()
+    if json_path:
+        try:
+            write_json(result, json_path)
+        except OSError as e:
+            return status, fail(f"cannot write the JSON {json_path!r}: {e.strerror or e}")
+        if not is_stdout(json_path):
+            print(f"wrote {json_path}", file=status)
+    if report_path is not None:
+        try:
+            write_report(result, report_path)
+        except OSError as e:
+            return status, fail(str(e) if e.strerror is None else
+                                f"cannot write the report {report_path!r}: {e.strerror}")
+        if not is_stdout(report_path):
+            print(f"wrote {report_path}", file=status)
+    return status, None
+
+
+def _write_html(result: dict, path: str) -> None:
+    from normscope.report import write_html
+
+    write_html(result, path)
+
+
 def _write_outputs(args: argparse.Namespace, result: dict, fail) -> int:
     """The terminal summary, the JSON and the HTML report of an audit result."""
-    from normscope._paths import is_stdout
     from normscope.audit import summary_text
 
-    data_on_stdout = is_stdout(args.json) or (not args.no_report and is_stdout(args.report))
-    status = sys.stderr if data_on_stdout else sys.stdout
-    status.write(summary_text(result))
-    status.flush()
-    if args.json:
-        try:
-            write_json(result, args.json)
-        except OSError as e:
-            return fail(f"cannot write the JSON {args.json!r}: {e.strerror or e}")
-        if not is_stdout(args.json):
-            print(f"wrote {args.json}", file=status)
-    if not args.no_report:
-        try:
-            from normscope.report import write_html
-
-            write_html(result, args.report)
-        except OSError as e:
-            return fail(str(e) if e.strerror is None else f"cannot write the report {args.report!r}: {e.strerror}")
-        if not is_stdout(args.report):
-            print(f"wrote {args.report}", file=status)
+    _, err = write_outputs(result, summary_text(result), args.json, None if args.no_report else args.report,
+                           _write_html, fail)
+    if err is not None:
+        return err
     sys.stdout.flush()
     return int(result["exit_code"])
 
@@ -414,29 +434,10 @@ def run(args: argparse.Namespace) -> int:
     except _Usage as e:
         return fail(str(e))
 
-    # when standard output carries the JSON or the report, the summary and status lines go to stderr
-    from normscope._paths import is_stdout
-
-    data_on_stdout = is_stdout(args.json) or (not args.no_report and is_stdout(args.report))
-    status = sys.stderr if data_on_stdout else sys.stdout
-    status.write(summary_text(result))
-    status.flush()
-    if args.json:
-        try:
-            write_json(result, args.json)
-        except OSError as e:
-            return fail(f"cannot write the JSON {args.json!r}: {e.strerror or e}")
-        if not is_stdout(args.json):
-            print(f"wrote {args.json}", file=status)
-    if not args.no_report:
-        try:
-            from normscope.report import write_html
-
-            write_html(result, args.report)
-        except OSError as e:
-            return fail(str(e) if e.strerror is None else f"cannot write the report {args.report!r}: {e.strerror}")
-        if not is_stdout(args.report):
-            print(f"wrote {args.report}", file=status)
+    status, err = write_outputs(result, summary_text(result), args.json, None if args.no_report else args.report,
+                                _write_html, fail)
+    if err is not None:
+        return err
     if mlflow_on:
         from normscope.audit import _cast_inputs
         from normscope.integrations.mlflow import log_audit

@@ -86,9 +86,8 @@ def _model(args, spec: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from normscope._paths import is_stdout
     from normscope.cli._models import failer
-    from normscope.cli.audit import _check_writable, _Progress, _same_stdout, _Usage, write_json
+    from normscope.cli.audit import _check_writable, _Progress, _same_stdout, _Usage
 
     fail = failer(args, "normscope compare")
     progress = _Progress(not args.quiet)
@@ -133,27 +132,16 @@ def run(args: argparse.Namespace) -> int:
     except _Usage as e:
         return fail(str(e))
 
+    from normscope.cli.audit import write_outputs
     from normscope.compare import summary_text
 
-    data_on_stdout = is_stdout(args.json) or is_stdout(args.report)
-    status = sys.stderr if data_on_stdout else sys.stdout
-    status.write(summary_text(result))
-    status.flush()
-    if args.json:
-        try:
-            write_json(result, args.json)
-        except OSError as e:
-            return fail(f"cannot write the JSON {args.json!r}: {e.strerror or e}")
-        if not is_stdout(args.json):
-            print(f"wrote {args.json}", file=status)
-    if args.report:
-        try:
-            from normscope.report.compare_html import write_compare_html
+    def write_report(res: dict, path: str) -> None:
+        from normscope.report.compare_html import write_compare_html
 
-            write_compare_html(result, args.report)
-        except OSError as e:
-            return fail(str(e) if e.strerror is None else f"cannot write the report {args.report!r}: {e.strerror}")
-        if not is_stdout(args.report):
-            print(f"wrote {args.report}", file=status)
+        write_compare_html(res, path)
+
+    _, err = write_outputs(result, summary_text(result), args.json, args.report or None, write_report, fail)
+    if err is not None:
+        return err
     sys.stdout.flush()
     return int(result["exit_code"])
