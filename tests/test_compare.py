@@ -171,6 +171,39 @@ def test_latency_check_uses_the_ratio(bert, monkeypatch):
     assert ok["verdict"] == "go" and _checks(ok)["latency"]["status"] == "pass"
 
 
+def test_latency_check_counts_a_slowdown_only_beyond_the_timing_noise(bert, monkeypatch):
+    import normscope.compare as mod
+
+    model, inputs = bert
+    figures = {"baseline_ms": 1.0, "candidate_ms": 1.6, "ratio": 1.6, "noise": 0.2, "repeats": 7, "clock": "test"}
+    monkeypatch.setattr(mod, "_latency", lambda b, c, x, repeats: dict(figures))
+    noisy = _checks(compare(model, copy.deepcopy(model), inputs, quantization=False))["latency"]
+    assert noisy["status"] == "pass" and "within the timing noise" in noisy["reason"]
+    figures.update(candidate_ms=2.5, ratio=2.5, noise=0.1)
+    slow = _checks(compare(model, copy.deepcopy(model), inputs, quantization=False))["latency"]
+    assert slow["status"] == "fail" and "2.5x" in slow["reason"]
+
+
+def test_latency_noise_is_the_spread_of_paired_ratios(monkeypatch):
+    import normscope.compare as mod
+
+    # per timed sample (two clock reads): warm-up base, cand; then rounds alternating the order, the baseline
+    # always 1.0 s, the candidate 1.0, 2.0, 1.0, 1.4 s
+    durations = [1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.4, 1.0]
+    reads, t = [], 0.0
+    for d in durations:
+        reads += [t, t + d]
+        t += d
+    ticks = iter(reads)
+    monkeypatch.setattr("normscope.audit._clock", lambda device: lambda: next(ticks))
+    monkeypatch.setattr("normscope.audit._call", lambda model, inputs: None)
+    monkeypatch.setattr(mod, "LATENCY_SAMPLE_S", 0.0)
+    lat = mod._latency(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.zeros(1, 2), 4)
+    assert lat["ratio"] == 1.0  # fastest candidate sample over fastest baseline sample
+    q = __import__("statistics").quantiles([1.0, 1.0, 1.4, 2.0], n=4)
+    assert lat["noise"] == pytest.approx((q[2] - q[0]) / 2) and lat["noise"] > 0
+
+
 def test_audit_json_baseline(bert, bert_audit_json):
     model, inputs = bert
     same = compare(bert_audit_json, copy.deepcopy(model), inputs, quantization=True)

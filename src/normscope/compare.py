@@ -301,8 +301,14 @@ def _latency(base: torch.nn.Module, cand: torch.nn.Module, example_inputs, repea
                 times[which].append(timed(models[which], calls))
     b, c = min(times["baseline"]), min(times["candidate"])
     paired = sorted(tc / tb for tb, tc in zip(times["baseline"], times["candidate"]) if tb > 0)
+    # the noise of the ratio: half the interquartile range of the paired (same round) ratios
+    noise = None
+    if len(paired) >= 4:
+        q = statistics.quantiles(paired, n=4)
+        noise = (q[2] - q[0]) / 2
     return {"baseline_ms": round(1e3 * b, 4), "candidate_ms": round(1e3 * c, 4),
             "ratio": (c / b) if b > 0 else None, "paired_ratio_median": statistics.median(paired) if paired else None,
+            "noise": noise,
             "repeats": repeats, "calls_per_sample": calls,
             "clock": "wall" if device.type == "cuda" else "thread CPU time"}
 
@@ -596,11 +602,15 @@ def compare(
             checks.append(_check("latency", "skipped", "the baseline's forward time measured 0",
                                  threshold=t.latency_ratio))
         else:
-            bad = ratio > t.latency_ratio
+            # a slowdown counts only beyond the measurement's own noise (twice the spread of the paired ratios):
+            # on a busy machine two identical models can time 1.5x apart
+            noise = lat.get("noise") or 0.0
+            bad = ratio - 2.0 * noise > t.latency_ratio
+            within = " (within the timing noise)" if ratio > t.latency_ratio and not bad else ""
             checks.append(_check("latency", "fail" if bad else "pass",
                                  f"forward {lat['candidate_ms']:.3g} ms vs {lat['baseline_ms']:.3g} ms "
-                                 f"({ratio:.3g}x; fastest of {repeats} interleaved samples of "
-                                 f"{lat.get('calls_per_sample', 1)} call(s), {lat['clock']})",
+                                 f"({ratio:.3g}x \u00b1 {noise:.2g}{within}; fastest of {repeats} interleaved samples "
+                                 f"of {lat.get('calls_per_sample', 1)} call(s), {lat['clock']})",
                                  value=ratio, threshold=t.latency_ratio))
 
     # ---- quantization delta --------------------------------------------------------------------------------
