@@ -587,15 +587,16 @@ class _LNRecurrent(torch.nn.Module):
         state_out = (final[0], final[1]) if self.mode == "LSTM" else final[0]
         return output, state_out
 
-    def _forward_packed(self, data: Tensor, pk: _Packing, init: List[Tensor], zero_init: bool):
+    def _stack(self, layer_in: Tensor, init: List[Tensor], run_direction):
+        """The layers and directions over ``layer_in``: ``run_direction(layer_in, k, reverse, state)`` runs the
+        ``k``-th (layer, direction) and returns (outputs, final state); dropout between layers in training."""
         dirs = 2 if self.bidirectional else 1
         finals: List[List[Tensor]] = []
-        layer_in = data
         for layer in range(self.num_layers):
             outs = []
             for d in range(dirs):
                 k = layer * dirs + d
-                out, fin = self._run_packed(layer_in, pk, [s[k] for s in init], self._params(k), bool(d), zero_init)
+                out, fin = run_direction(layer_in, k, bool(d), [s[k] for s in init])
                 outs.append(out)
                 finals.append(fin)
             layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
@@ -603,31 +604,24 @@ class _LNRecurrent(torch.nn.Module):
                 layer_in = torch.nn.functional.dropout(layer_in, self.dropout, True)
         return layer_in, [torch.stack([f[i] for f in finals]) for i in range(len(init))]
 
+    def _forward_packed(self, data: Tensor, pk: _Packing, init: List[Tensor], zero_init: bool):
+        return self._stack(data, init, lambda inp, k, reverse, state: self._run_packed(
+            inp, pk, state, self._params(k), reverse, zero_init))
+
     def _forward_masked(self, x: Tensor, lengths: Tensor, init: List[Tensor]):
         T = x.shape[0]
-        dirs = 2 if self.bidirectional else 1
         lengths = lengths.to(x.device)
         valid = torch.arange(T, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
         x = x.masked_fill(~valid.unsqueeze(-1), 0)  # padding never reaches the projections or statistics
         rev = _reverse_index(lengths, T)
-        finals: List[List[Tensor]] = []
-        layer_in = x
-        for layer in range(self.num_layers):
-            outs = []
-            for d in range(dirs):
-                k = layer * dirs + d
-                state = [s[k] for s in init]
-                if d == 0:
-                    out, fin = self._run_masked(layer_in, valid, state, self._params(k))
-                else:
-                    out, fin = self._run_masked(_time_gather(layer_in, rev), valid, state, self._params(k))
-                    out = _time_gather(out, rev).masked_fill(~valid.unsqueeze(-1), 0)
-                outs.append(out)
-                finals.append(fin)
-            layer_in = outs[0] if dirs == 1 else torch.cat(outs, -1)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_in = torch.nn.functional.dropout(layer_in, self.dropout, True)
-        return layer_in, [torch.stack([f[i] for f in finals]) for i in range(len(init))]
+
+        def run(inp: Tensor, k: int, reverse: bool, state: List[Tensor]):
+            if not reverse:
+                return self._run_masked(inp, valid, state, self._params(k))
+            out, fin = self._run_masked(_time_gather(inp, rev), valid, state, self._params(k))
+            return _time_gather(out, rev).masked_fill(~valid.unsqueeze(-1), 0), fin
+
+        return self._stack(x, init, run)
 
 
 class LayerNormLSTM(_LNRecurrent):

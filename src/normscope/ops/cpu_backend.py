@@ -111,7 +111,8 @@ def _cpu_id() -> str:
     return ident
 
 
-def _build() -> Path:
+def _compiler_version() -> Tuple[str, str]:
+    """``(compiler, its --version text)``; RuntimeError naming the fix when there is none or it does not run."""
     cxx = _compiler()
     try:
         version = subprocess.run(
@@ -124,6 +125,21 @@ def _build() -> Path:
         ) from None
     except (subprocess.SubprocessError, OSError) as e:
         raise RuntimeError(f"the C++ compiler {cxx!r} does not run ({e}); set CXX to a working one")
+    return cxx, version
+
+
+def _make_cache_dir(cache: Path) -> None:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot create the kernel cache directory {cache} ({e}); set NORMSCOPE_CACHE_DIR to "
+            "a writable directory"
+        ) from None
+
+
+def _build() -> Path:
+    cxx, version = _compiler_version()
     src = _SRC.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
@@ -134,13 +150,7 @@ def _build() -> Path:
     out = cache / f"norm_cpu_{key}.so"
     if out.exists():
         return out
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RuntimeError(
-            f"cannot create the kernel cache directory {cache} ({e}); set NORMSCOPE_CACHE_DIR to "
-            "a writable directory"
-        ) from None
+    _make_cache_dir(cache)
     # One process compiles while the others wait for it (pytest-xdist, several ranks), and it
     # compiles to a private temporary file that is then renamed: nobody loads a half-written file.
     with _file_lock(cache / f"norm_cpu_{key}.lock"):

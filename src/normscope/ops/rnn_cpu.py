@@ -42,24 +42,14 @@ _error: Optional[str] = None
 
 
 def _build() -> Path:
-    cxx = _cb._compiler()
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
-    except FileNotFoundError:
-        raise RuntimeError(f"no C++ compiler found (tried {cxx!r}); install g++ or set CXX") from None
-    except (subprocess.SubprocessError, OSError) as e:
-        raise RuntimeError(f"the C++ compiler {cxx!r} does not run ({e}); set CXX to a working one") from None
+    cxx, version = _cb._compiler_version()
     key = hashlib.sha256(b"\0".join([_SRC.read_bytes(), " ".join(_FLAGS).encode(), version.encode(),
                                      _cb._cpu_id().encode()])).hexdigest()[:20]
     cache = _cb._cache_dir()
     out = cache / f"ln_rnn_cpu_{key}.so"
     if out.exists():
         return out
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RuntimeError(f"cannot create the kernel cache directory {cache} ({e}); set NORMSCOPE_CACHE_DIR to a "
-                           f"writable directory") from None
+    _cb._make_cache_dir(cache)
     with _cb._file_lock(cache / f"ln_rnn_cpu_{key}.lock"):
         if out.exists():
             return out
