@@ -168,6 +168,18 @@ def _environment(device: torch.device) -> Dict[str, str]:
             "threads": str(torch.get_num_threads()), "backend": backend, "device": str(device)}
 
 
+def read_json(path: str, expected: str) -> Any:
+    """The JSON in ``path``; a ValueError "Expected the baseline PATH to be {expected}, but it does not parse"
+    when it is not JSON (OSError when it cannot be read)."""
+    import json
+
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ValueError(f"Expected the baseline {path!r} to be {expected}, but it does not parse: {e}") from e
+
+
 def load_baseline(path: str) -> dict:
     """A monitor snapshot to compare against: a snapshot file (``save_snapshot``) or an audit JSON.
 
@@ -175,14 +187,7 @@ def load_baseline(path: str) -> dict:
         ValueError: the file is neither.
         OSError: it cannot be read.
     """
-    import json
-
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"Expected the baseline {path!r} to be JSON (a monitor snapshot or an audit JSON), "
-                             f"but it does not parse: {e}") from e
+    data = read_json(path, "JSON (a monitor snapshot or an audit JSON)")
     if isinstance(data, dict) and isinstance(data.get("snapshot"), dict):
         data = data["snapshot"]
     if not (isinstance(data, dict) and isinstance(data.get("layers"), dict) and "format" in data):

@@ -134,14 +134,9 @@ def load_audit_json(path: str) -> Dict[str, Any]:
         ValueError: the file is not an audit JSON.
         OSError: it cannot be read.
     """
-    import json
+    from normscope.audit import read_json
 
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"Expected the baseline {path!r} to be the JSON of an audit (normscope audit --json), "
-                             f"but it does not parse: {e}") from e
+    data = read_json(path, "the JSON of an audit (normscope audit --json)")
     _check_audit_json(data, repr(path))
     return data
 

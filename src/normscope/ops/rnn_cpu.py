@@ -165,6 +165,14 @@ class _Rows:
         return [b + r * s for b, s in zip(self.base, self.row)]
 
 
+def _recurrent_mm(h: Tensor, w_t: Tensor, p: Tensor, k: int) -> None:
+    """``p[:k] = h[:k] @ w_t``: the recurrent pre-activations of the ``k`` live rows (none when ``k`` is 0)."""
+    if k == h.shape[0]:
+        torch.mm(h, w_t, out=p)
+    elif k:
+        torch.mm(h[:k], w_t, out=p[:k])
+
+
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, h0, c0, w_hh, g_hh, g_c, b_c, plan, eps):  # type: ignore[override]
@@ -179,15 +187,10 @@ class _LSTMSequence(torch.autograd.Function):
         w_t = w_hh.t()
         rows = _Rows(xg, out, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
         fixed = (_p(p), _p(h), _p(c), _p(g_hh), _p(g_c), _p(b_c), float(eps))
-        B = h.shape[0]
         for off, n, k in plan.steps:
-            if k == B:
-                torch.mm(h, w_t, out=p)
-            elif k:
-                torch.mm(h[:k], w_t, out=p[:k])
-            x_a, o_a, hp_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a = rows.at(off)
-            fwd(n, k, H, x_a, *fixed[:6], fixed[6], o_a, hp_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a,
-                _threads(n * 4 * H))
+            _recurrent_mm(h, w_t, p, k)
+            x_a, *outs = rows.at(off)
+            fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 4 * H))
         ctx.plan = plan
         ctx.save_for_backward(w_hh, g_hh, g_c, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
         return out, h, c
@@ -234,15 +237,11 @@ class _GRUSequence(torch.autograd.Function):
         p = xg.new_empty(h.shape[0], 3 * H)
         w_t = w_hh.t()
         rows = _Rows(xg, out, hprev, xhat, rstd, gates, hn)
-        B = h.shape[0]
+        fixed = (_p(p), _p(h), _p(g_hh), _p(b), float(eps))
         for off, n, k in plan.steps:
-            if k == B:
-                torch.mm(h, w_t, out=p)
-            elif k:
-                torch.mm(h[:k], w_t, out=p[:k])
-            x_a, o_a, hp_a, xh_a, r_a, g_a, hn_a = rows.at(off)
-            fwd(n, k, H, x_a, _p(p), _p(h), _p(g_hh), _p(b), float(eps), o_a, hp_a, xh_a, r_a, g_a, hn_a,
-                _threads(n * 3 * H))
+            _recurrent_mm(h, w_t, p, k)
+            x_a, *outs = rows.at(off)
+            fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 3 * H))
         ctx.plan, ctx.has_bias = plan, b_hh is not None
         ctx.save_for_backward(w_hh, g_hh, hprev, xhat, rstd, gates, hn)
         return out, h

@@ -8,7 +8,6 @@ layer of the input variance ratio, the input change and the gamma drift, and the
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, Dict, List
 
@@ -221,13 +220,6 @@ def write_compare_html(result: Dict[str, Any], path) -> None:
     Raises:
         OSError: ``path`` cannot be written; the message names it.
     """
-    from normscope._paths import open_output
+    from normscope.report.html import write_report_text
 
-    text = render_compare_html(result)
-    path = os.fspath(path)
-    try:
-        with open_output(path) as fh:
-            fh.write(text)
-    except OSError as exc:
-        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
-        raise type(exc)(f"cannot write the report to {path!r}: {reason}") from exc
+    write_report_text(render_compare_html(result), path)

@@ -722,15 +722,18 @@ def write_html(result: Dict[str, Any], path) -> None:
     Raises:
         PermissionError / OSError: ``path`` cannot be written; the message names it.
     """
+    write_report_text(render_html(result), path)
+
+
+def write_report_text(text: str, path) -> None:
+    """Write a rendered report to ``path`` (through symlinks; FIFOs, devices and ``-`` directly); an OSError
+    names the path."""
     from normscope._paths import open_output
 
-    text = render_html(result)
     path = os.fspath(path)
     try:
         with open_output(path) as fh:
             fh.write(text)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if isinstance(exc, PermissionError):
-            reason = "permission denied"
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
         raise type(exc)(f"cannot write the report to {path!r}: {reason}") from exc
