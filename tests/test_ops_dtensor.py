@@ -143,6 +143,18 @@ def _cases(mesh):
         "err": [_err(y.full_tensor(), F.layer_norm(x, (16,), w)), _err(xl.grad, xr.grad),
                 _err(ws.grad.full_tensor(), wr.grad)],
     }
+    # under torch.compile (fullgraph): the custom ops traced on DTensors, their sharding rules at compile time
+    x = _data(37, 9, 4, 16)
+    torch._dynamo.reset()
+    out["compiled_layer_norm_shard0"] = _case(
+        torch.compile(lambda x, w, b: normscope.layer_norm(x, 16, w, b), backend="aot_eager", fullgraph=True),
+        lambda x, w, b: F.layer_norm(x, (16,), w, b),
+        {"x": (x, S0, True), "w": (w, R, True), "b": (b, R, True)}, mesh)
+    x = _data(38, 2, 9, 16)
+    out["compiled_rms_norm_shard1"] = _case(
+        torch.compile(lambda x, w: normscope.rms_norm(x, 16, w, eps=1e-6), backend="aot_eager", fullgraph=True),
+        lambda x, w: F.rms_norm(x, (16,), w, eps=1e-6),
+        {"x": (x, S1, True), "w": (w, R, True)}, mesh)
     out.update(_direct_ops(mesh))
     out["sequence_parallel_module"] = _module(mesh)
     return out
@@ -294,6 +306,9 @@ FUNCTIONAL = {
                                                     "b": "(Partial(sum),)"}, (5, 4)),
     "masked_rms_norm_shard1_plain_mask": ("(Shard(dim=1),)", {"x": "(Shard(dim=1),)", "w": "(Partial(sum),)"},
                                           (2, 2)),
+    "compiled_layer_norm_shard0": ("(Shard(dim=0),)", {"x": "(Shard(dim=0),)", "w": "(Partial(sum),)",
+                                                      "b": "(Partial(sum),)"}, (5, 4)),
+    "compiled_rms_norm_shard1": ("(Shard(dim=1),)", {"x": "(Shard(dim=1),)", "w": "(Partial(sum),)"}, (2, 2)),
 }
 
 
