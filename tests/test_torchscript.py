@@ -166,3 +166,70 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
         capture_output=True, text=True,
     )
     assert bare.returncode != 0 and "normscope" in bare.stderr
+
+
+def _torch_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with torch's own norms (weight_offset folded into the weight), for the transforms."""
+    twin = torch.nn.Sequential()
+    for m in model:
+        if isinstance(m, RMSNorm):
+            t = torch.nn.RMSNorm(m.normalized_shape, m.eps, m.elementwise_affine, dtype=torch.float64)
+            if m.weight is not None:
+                with torch.no_grad():
+                    t.weight.copy_(m.weight + m.weight_offset)
+            m = t
+        elif isinstance(m, LayerNorm):
+            t = torch.nn.LayerNorm(m.normalized_shape, m.eps, bias=m.bias is not None, dtype=torch.float64)
+            t.load_state_dict(m.state_dict())
+            m = t
+        twin.append(m)
+    return twin
+
+
+def test_scripted_modules_under_forward_ad_and_torch_func_transforms():
+    # the scripted forward calls normscope::norm_fwd, which has no forward-AD rule (torch.func.jvp gave a zero
+    # tangent, forward_ad / grad / jacrev raised): under a transform it runs torch's differentiable ops
+    import torch.autograd.forward_ad as fwAD
+
+    model = _model().double()
+    twin = _torch_twin(model)
+    scripted = torch.jit.script(model)
+    g = torch.Generator().manual_seed(3)
+    x, t = (torch.randn(3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for _ in range(3):  # past TorchScript's profiling runs, after which it optimizes the graph
+        scripted(x)
+    results = {
+        "jvp": (torch.func.jvp(scripted, (x,), (t,))[1], torch.func.jvp(twin, (x,), (t,))[1]),
+        "grad": (torch.func.grad(lambda a: scripted(a).pow(2).sum())(x),
+                 torch.func.grad(lambda a: twin(a).pow(2).sum())(x)),
+        "jacrev": (torch.func.jacrev(scripted)(x), torch.func.jacrev(twin)(x)),
+        "jacfwd": (torch.func.jacfwd(scripted)(x), torch.func.jacfwd(twin)(x)),
+        "vmap": (torch.func.vmap(scripted)(x), torch.func.vmap(twin)(x)),
+        "hessian": (torch.func.hessian(lambda a: scripted(a).pow(3).sum())(x[0]),
+                    torch.func.hessian(lambda a: twin(a).pow(3).sum())(x[0])),
+    }
+    with fwAD.dual_level():
+        results["forward_ad"] = (fwAD.unpack_dual(scripted(fwAD.make_dual(x, t))).tangent,
+                                 fwAD.unpack_dual(twin(fwAD.make_dual(x, t))).tangent)
+    for name, (ours, ref) in results.items():
+        assert ours is not None and ref.abs().max() > 0.1, name
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12, msg=name)
+    # outside the transforms the scripted model still runs normscope's op (same values as eager normscope)
+    assert _uses_normscope_op(scripted)
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+
+
+def test_the_op_itself_under_forward_mode_ad_raises_instead_of_a_zero_tangent():
+    # a traced model records normscope::norm_fwd itself; under torch.func.jvp the op gave a zero tangent
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    traced = torch.jit.trace(LayerNorm(8).double(), x)
+    # (the TorchScript interpreter re-raises it as a RuntimeError carrying the message)
+    with pytest.raises(RuntimeError, match="no forward-mode AD formula"):
+        torch.func.jvp(traced, (x,), (t,))
+    with pytest.raises(NotImplementedError, match="no forward-mode AD formula"):
+        torch.func.jvp(lambda a: torch.ops.normscope.norm_fwd(a, None, None, None, None, 1e-5, False, None)[0],
+                       (x,), (t,))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD formula"):
+        torch.ops.normscope.norm_fwd(fwAD.make_dual(x, t), None, None, None, None, 1e-5, True, None)

@@ -62,6 +62,19 @@ def _script_norm(
     e = _script_rms_eps(x.dtype) if eps is None else eps
     if e < 0.0 or e != e or e == float("inf"):
         raise ValueError("Expected eps to be a finite number >= 0, but got " + str(e))
+    if torch.ops.normscope.transforms_active(x):
+        # forward-mode AD or a torch.func transform: torch's differentiable ops, statistics in float32 at
+        # least (the custom op has no forward-AD rule and would give a zero tangent under torch.func.jvp)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xa = x.to(acc)
+        wa = None if weight is None else weight.to(acc) + offset
+        ba = None if bias is None else bias.to(acc)
+        if rms:
+            r = torch.nn.functional.rms_norm(xa, shape, wa, e)
+            r = r if ba is None else r + ba
+        else:
+            r = torch.nn.functional.layer_norm(xa, shape, wa, ba, e)
+        return r.to(x.dtype)
     n = 1
     for s in shape:
         n *= s

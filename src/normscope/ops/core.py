@@ -40,6 +40,16 @@ def norm_fwd(
     offset: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalization forward on ``(M, N)``: returns ``(y, h or empty, mean or empty, rstd)``."""
+    if torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        # Reached only by direct callers of the op (a torch.jit.trace of a model, torch.ops.normscope...):
+        # the public functions and the eager / scripted modules switch to torch's differentiable ops under
+        # forward-mode AD. The op has no forward-AD formula, and torch.func.jvp would give a zero tangent.
+        raise NotImplementedError(
+            "normscope::norm_fwd has no forward-mode AD formula (torch.autograd.forward_ad, torch.func.jvp / "
+            "jacfwd / hessian): call normscope's functions or modules (eager or torch.jit.script), which use "
+            "torch's differentiable ops under forward-mode AD, instead of the op itself or a torch.jit.trace of "
+            "the model"
+        )
     backend = dispatch.backend_for(x)
     y, h, mean, rstd = backend.norm_fwd(x, residual, mask, weight, bias, eps, rms, h_dtype, offset=offset)
     acc = acc_dtype(x.dtype)
@@ -163,6 +173,22 @@ def use_composite() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _transforms_active(x: Tensor) -> bool:
+    return use_composite() or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+# ``use_composite`` as an op, for TorchScript code (the scripted modules), which cannot call Python. A scripted
+# module calls ``normscope::norm_fwd`` directly; under ``torch.func.jvp`` that op would give a zero tangent, and
+# under ``forward_ad``, ``grad`` or ``jacrev`` it raises, so the scripted forward asks this op first (with its
+# input, which the transforms wrap) and runs torch's own differentiable ops while forward-mode AD or a transform
+# is active. CONSERVATIVE alias analysis keeps TorchScript from folding it into a constant on its first run;
+# under vmap (a bool output cannot be batched) the answer is True.
+_LIB = torch.library.Library("normscope", "FRAGMENT")
+_LIB.define("transforms_active(Tensor x) -> bool", alias_analysis="CONSERVATIVE")
+_LIB.impl("transforms_active", _transforms_active, "CompositeImplicitAutograd")
+torch.library.register_vmap("normscope::transforms_active", lambda info, in_dims, x: (True, None))
 
 
 def norm_fwd_composite(
