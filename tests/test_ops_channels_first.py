@@ -37,7 +37,7 @@ def test_matches_timms_layernorm2d(dtype):
     y = ours(x)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, ref(x), **tol)
-    assert y.stride() == ref(x).stride()  # the layout timm's module gives
+    assert y.is_contiguous()  # normalized in place of timm's permute copy: the input's NCHW layout
 
 
 def test_channels_last_input_gives_channels_last_output_and_other_ranks():
@@ -108,3 +108,111 @@ def test_convert_probes_never_touch_batchnorm_statistics():
     res = normscope.convert(model)
     assert torch.equal(model[1].running_mean, before[0]) and int(model[1].num_batches_tracked) == before[1]
     assert [r.name for r in res.replaced] == ["2"] and [s.name for s in res.skipped] == ["1"]
+
+
+def _count_kernel_calls(monkeypatch):
+    from normscope.ops import channels_first
+
+    calls = []
+    real = channels_first.layer_norm_cf
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(channels_first, "layer_norm_cf", counting)
+    return calls
+
+
+def _errors_vs_float64(fn, x, w, b, g):
+    """Max abs errors of (y, dx, dw, db) of ``fn`` against torch's LayerNorm in float64 on the permuted input."""
+    xs = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = fn(*xs)
+    y.backward(g.to(y.dtype))
+    rs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    yr = torch.nn.functional.layer_norm(rs[0].movedim(1, -1), (x.shape[1],), rs[1], rs[2], 1e-6).movedim(-1, 1)
+    yr.backward(g.double())
+    return [float((a.detach().double() - c).abs().max()) for a, c in zip([y] + [t.grad for t in xs],
+                                                                          [yr] + [t.grad for t in rs])]
+
+
+def test_nchw_input_runs_the_channels_first_kernel_without_a_copy(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    ours = _ours_from(_timm_like(8))
+    x = torch.randn(2, 8, 5, 6)
+    y = ours(x)
+    assert calls == [x.shape] and y.is_contiguous()
+    ours(x.contiguous(memory_format=torch.channels_last))  # channels-last: the no-copy channels-last route
+    ours(torch.randn(2, 8, 5, 6)[:, :, :, :4])  # a strided (non-contiguous) NCHW view: permuted and copied
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("C,S", [(96, (14, 14)), (7, (3, 5)), (384, (1, 3))])
+def test_float32_error_no_worse_than_torchs(C, S):
+    # rows with a large mean and a small spread: the case two-pass statistics exist for
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(3, C, *S, generator=g) * 0.05 + 300.0
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    dy = torch.randn(3, C, *S, generator=g, dtype=torch.float64)
+    ours = _ours_from(_timm_like(C))
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        ours.bias.copy_(b)
+
+    def run_ours(x, w, b):
+        return torch.func.functional_call(ours, {"weight": w, "bias": b}, (x,))
+
+    def run_torch(x, w, b):
+        return torch.nn.functional.layer_norm(x.movedim(1, -1), (C,), w, b, 1e-6).movedim(-1, 1)
+
+    err_ours = _errors_vs_float64(run_ours, x, w, b, dy)
+    err_torch = _errors_vs_float64(run_torch, x, w, b, dy)
+    for name, a, t in zip(("y", "dx", "dw", "db"), err_ours, err_torch):
+        assert a <= 2 * t + 1e-6, (name, a, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 16, 4, 4, generator=g) * 2 + 1).to(dtype)
+    ours = _ours_from(_timm_like(16)).to(dtype)
+    y = ours(x)
+    assert y.dtype == dtype and y.is_contiguous()
+    want = torch.nn.functional.layer_norm(x.double().movedim(1, -1), (16,), ours.weight.double(), ours.bias.double(),
+                                          ours.eps).movedim(-1, 1)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=(0.05 if dtype == torch.bfloat16 else 0.01))
+
+
+def test_weight_gradients_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 32, 40, 40, generator=g)  # large enough to run on every thread
+    dy = torch.randn(x.shape, generator=g)
+    ours = _ours_from(_timm_like(32))
+    grads = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, max(2, old)):
+            torch.set_num_threads(threads)
+            ours.zero_grad()
+            xi = x.clone().requires_grad_()
+            ours(xi).backward(dy)
+            grads.append((xi.grad, ours.weight.grad.clone(), ours.bias.grad.clone()))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_gradgradcheck_and_compile():
+    torch.manual_seed(7)
+    ours = _ours_from(_timm_like(3)).double()
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    w, b = ours.weight.detach().requires_grad_(), ours.bias.detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, w, b: torch.func.functional_call(ours, {"weight": w, "bias": b},
+                                                                                  (x,)), (x, w, b))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), ours).double()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    xs = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(compiled(xs), model(xs), rtol=0, atol=0)
+    compiled(xs).sum().backward()
+    assert ours.weight.grad is not None and torch.isfinite(ours.weight.grad).all()

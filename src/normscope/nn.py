@@ -12,6 +12,7 @@ Both modules work with ``torch.jit.script``: the scripted ``forward`` calls the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -121,6 +122,18 @@ class LayerNorm(torch.nn.LayerNorm):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+def _channels_first_kernel(x: Tensor) -> bool:
+    """Whether :class:`LayerNorm2d` normalizes ``x`` in place of a permute copy (normscope.ops.channels_first)."""
+    if x.device.type != "cpu" or not x.is_contiguous() or os.environ.get("NORMSCOPE_BACKEND", "") == "reference":
+        return False
+    from normscope.ops import channels_first, core
+
+    if not channels_first.supports(x) or core.use_composite():
+        return False
+    # while torch.compile traces, only a library already loaded (building it is not traceable)
+    return channels_first.loaded() if torch.compiler.is_compiling() else channels_first.available()
+
+
 class LayerNorm2d(torch.nn.LayerNorm):
     r"""Channels-first LayerNorm: normalizes over dim 1 (the channels) of an ``(N, C, *spatial)`` input at each
     position, as timm's ``LayerNorm2d`` and ConvNeXt's ``LayerNorm(data_format="channels_first")``.
@@ -129,8 +142,10 @@ class LayerNorm2d(torch.nn.LayerNorm):
     elementwise_affine=True, bias=True, device=None, dtype=None``; timm's default eps); parameters ``weight`` /
     ``bias`` of shape ``(C,)``, the state-dict keys of timm's module. Runs :func:`normscope.layer_norm` on the
     channels-last view: a channels-last input (``torch.channels_last`` / ``channels_last_3d``) is normalized
-    without a copy and the output is channels-last too; a contiguous ``NCHW`` input is permuted and copied once,
-    as timm's module does (the output has the same strides as timm's).
+    without a copy and the output is channels-last too. A contiguous ``NCHW`` input on the CPU is normalized
+    over dim 1 in place by the channels-first kernel (no permute copy; the output is contiguous ``NCHW``);
+    elsewhere (CUDA, the ``reference`` backend, forward-mode AD and ``torch.func`` transforms) it is permuted
+    and copied once, as timm's module does.
     """
 
     _normscope_channels_first = True
@@ -147,6 +162,10 @@ class LayerNorm2d(torch.nn.LayerNorm):
         if input.shape[1] != self.normalized_shape[0]:
             raise ShapeError(f"Expected input with {self.normalized_shape[0]} channels in dim 1, but got input of "
                              f"size {list(input.shape)}")
+        if _channels_first_kernel(input):
+            from normscope.ops.channels_first import layer_norm_cf
+
+            return layer_norm_cf(input, self.weight, self.bias, self.eps)
         y = F.layer_norm(input.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
         return y.movedim(-1, 1)
 
