@@ -216,3 +216,31 @@ def test_gradgradcheck_and_compile():
     torch.testing.assert_close(compiled(xs), model(xs), rtol=0, atol=0)
     compiled(xs).sum().backward()
     assert ours.weight.grad is not None and torch.isfinite(ours.weight.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_first_op_on_the_triton_and_reference_backends(monkeypatch, backend, dtype):
+    # the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set by conftest without a GPU)
+    monkeypatch.setenv("NORMSCOPE_BACKEND", backend)
+    calls = _count_kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    C, S = 19, (5, 15)  # channels not a multiple of the channel tile, positions not of the position block
+    x = (torch.randn(2, C, *S, generator=g) * 2 + 40).to(dtype)
+    dy = torch.randn(2, C, *S, generator=g, dtype=torch.float64)
+    ours = _ours_from(_timm_like(C)).to(dtype)
+
+    def run(x, w, b):
+        return torch.func.functional_call(ours, {"weight": w, "bias": b}, (x,))
+
+    errs = _errors_vs_float64(run, x, ours.weight.detach(), ours.bias.detach(), dy)
+    assert len(calls) == 1
+    tol = [1e-4, 1e-4, 1e-3, 1e-3] if dtype == torch.float32 else [0.2, 0.05, 0.5, 0.5]
+    for name, e, t in zip(("y", "dx", "dw", "db"), errs, tol):
+        assert e < t, (name, e)
+    # the same bits on a second run (no atomics; fixed reduction order)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [run(xi, ours.weight, ours.bias) for xi in xs]
+    for o in outs:
+        o.backward(dy.to(dtype))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(xs[0].grad, xs[1].grad)

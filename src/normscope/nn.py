@@ -12,7 +12,6 @@ Both modules work with ``torch.jit.script``: the scripted ``forward`` calls the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -124,14 +123,11 @@ class LayerNorm(torch.nn.LayerNorm):
 
 def _channels_first_kernel(x: Tensor) -> bool:
     """Whether :class:`LayerNorm2d` normalizes ``x`` in place of a permute copy (normscope.ops.channels_first)."""
-    if x.device.type != "cpu" or not x.is_contiguous() or os.environ.get("NORMSCOPE_BACKEND", "") == "reference":
+    if not x.is_contiguous() or x.device.type not in ("cpu", "cuda"):
         return False
     from normscope.ops import channels_first, core
 
-    if not channels_first.supports(x) or core.use_composite():
-        return False
-    # while torch.compile traces, only a library already loaded (building it is not traceable)
-    return channels_first.loaded() if torch.compiler.is_compiling() else channels_first.available()
+    return not core.use_composite() and channels_first.supports(x)
 
 
 class LayerNorm2d(torch.nn.LayerNorm):

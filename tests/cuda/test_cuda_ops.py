@@ -122,3 +122,29 @@ def test_compile_fullgraph_on_cuda():
     out.sum().backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(x.grad, g_eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 19, 5, 15), (8, 96, 56, 56), (4, 768, 7, 7)])
+def test_layernorm2d_channels_first_kernel(dtype, shape):
+    from normscope.nn import LayerNorm2d
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=gen) * 2 + 5).to(dtype).to(DEV).requires_grad_()
+    dy = torch.randn(*shape, generator=gen).to(dtype).to(DEV)
+    m = LayerNorm2d(shape[1]).to(DEV)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    y = m(x)
+    assert y.is_contiguous() and y.dtype == dtype
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    wr, br = m.weight.detach().double().requires_grad_(), m.bias.detach().double().requires_grad_()
+    yr = torch.nn.functional.layer_norm(xr.movedim(1, -1), (shape[1],), wr, br, m.eps).movedim(-1, 1)
+    yr.backward(dy.double())
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    for a, r in ((y, yr), (x.grad, xr.grad)):
+        assert float((a.double() - r).abs().max()) < tol * max(1.0, float(r.abs().max()))
+    for a, r in ((m.weight.grad, wr.grad), (m.bias.grad, br.grad)):
+        assert float((a.double() - r).abs().max()) < (1e-3 if dtype == torch.float32 else 0.05) * float(r.abs().max())

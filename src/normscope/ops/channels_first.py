@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from normscope.ops import dispatch
 from normscope.ops._native import NativeLib
 from normscope.ops.reference import acc_dtype
 
@@ -56,9 +57,22 @@ def unavailable_reason() -> Optional[str]:
 
 
 def supports(x: Tensor) -> bool:
-    """Whether :func:`layer_norm_cf` runs ``x`` (a contiguous CPU tensor of a supported dtype, ``dim >= 2``)."""
-    return (type(x) is Tensor or isinstance(x, torch.nn.Parameter)) and x.device.type == "cpu" and \
-        x.dtype in _CODES and x.dim() >= 2 and x.is_contiguous() and x.numel() > 0
+    """Whether :func:`layer_norm_cf` runs ``x``: a contiguous CPU or CUDA tensor of a floating dtype, ``dim >= 2``,
+    not empty, whose backend can run (the CPU kernels built, or Triton importable for CUDA)."""
+    if not (type(x) is Tensor or isinstance(x, torch.nn.Parameter)) or x.dtype not in _CODES or x.dim() < 2 \
+            or x.numel() == 0 or not x.is_contiguous():
+        return False
+    if torch.compiler.is_compiling():
+        # while torch.compile traces: only a backend already loaded (building or importing is not traceable);
+        # the op picks the backend when it runs
+        return _LIB.loaded if x.device.type == "cpu" else "triton" in dispatch._loaded
+    try:
+        name = dispatch.backend_name(x)
+        if name == "triton":
+            dispatch.backend_for(x)  # imports Triton: ImportError when it is not installed
+    except (ValueError, RuntimeError, ImportError):
+        return False
+    return available() if name == "cpu" else True
 
 
 def _p(t: Optional[Tensor]) -> Optional[int]:
@@ -77,6 +91,13 @@ def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
 def norm_cf_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Channels-first LayerNorm forward on a contiguous ``(B, C, S)`` tensor: ``(y, mean, rstd)``, stats ``(B, S)``."""
+    name = dispatch.backend_name(x)
+    if name == "triton":
+        from normscope.ops import channels_first_triton
+
+        return channels_first_triton.norm_cf_fwd(x, weight, bias, eps)
+    if name == "reference":
+        return _reference_fwd(x, weight, bias, eps)
     B, C, S = x.shape
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
@@ -107,6 +128,15 @@ def norm_cf_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, r
     dy = dy.contiguous()
     if dy.dtype != x.dtype:
         dy = dy.to(x.dtype)
+    name = dispatch.backend_name(x)
+    if name in ("triton", "reference"):
+        if name == "triton":
+            from normscope.ops import channels_first_triton
+
+            dx, dw_, db_ = channels_first_triton.norm_cf_bwd(dy, x, weight, mean, rstd, has_bias)
+        else:
+            dx, dw_, db_ = _reference_bwd(dy, x, weight, mean, rstd, has_bias)
+        return dx, dw_ if dw_ is not None else _empty(x, acc), db_ if db_ is not None else _empty(x, acc)
     dx = torch.empty_like(x)
     dw = x.new_empty((C,), dtype=acc) if weight is not None else _empty(x, acc)
     db = x.new_empty((C,), dtype=acc) if has_bias else _empty(x, acc)
@@ -127,6 +157,33 @@ def _norm_cf_bwd_fake(dy, x, weight, mean, rstd, has_bias):
     dw = x.new_empty((C,), dtype=acc) if weight is not None else _empty(x, acc)
     db = x.new_empty((C,), dtype=acc) if has_bias else _empty(x, acc)
     return torch.empty_like(x), dw, db
+
+
+def _reference_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward op in torch ops on ``(B, C, S)``: two-pass statistics in the accumulation dtype."""
+    xa = x.to(acc_dtype(x.dtype))
+    mean = xa.mean(1)
+    d = xa - mean[:, None]
+    rstd = torch.rsqrt((d * d).mean(1) + eps)
+    y = d * rstd[:, None]
+    if weight is not None:
+        y = y * weight[None, :, None]
+    if bias is not None:
+        y = y + bias[None, :, None]
+    return y.to(x.dtype), mean, rstd
+
+
+def _reference_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, has_bias: bool
+                   ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    acc = mean.dtype
+    g0 = dy.to(acc)
+    xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
+    g = g0 * weight[None, :, None] if weight is not None else g0
+    dx = rstd[:, None] * (g - g.mean(1, keepdim=True) - xhat * (g * xhat).mean(1, keepdim=True))
+    dw = (g0 * xhat).sum((0, 2)) if weight is not None else None
+    db = g0.sum((0, 2)) if has_bias else None
+    return dx.to(x.dtype), dw, db
 
 
 def reference(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
