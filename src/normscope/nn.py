@@ -138,10 +138,10 @@ class LayerNorm2d(torch.nn.LayerNorm):
     elementwise_affine=True, bias=True, device=None, dtype=None``; timm's default eps); parameters ``weight`` /
     ``bias`` of shape ``(C,)``, the state-dict keys of timm's module. Runs :func:`normscope.layer_norm` on the
     channels-last view: a channels-last input (``torch.channels_last`` / ``channels_last_3d``) is normalized
-    without a copy and the output is channels-last too. A contiguous ``NCHW`` input on the CPU is normalized
-    over dim 1 in place by the channels-first kernel (no permute copy; the output is contiguous ``NCHW``);
-    elsewhere (CUDA, the ``reference`` backend, forward-mode AD and ``torch.func`` transforms) it is permuted
-    and copied once, as timm's module does.
+    without a copy and the output is channels-last too. A contiguous ``NCHW`` input is normalized over dim 1
+    directly by the channels-first kernels (C++ on the CPU, Triton on CUDA; no permute copy; the output is
+    contiguous ``NCHW``); otherwise (a non-contiguous input, DTensors, forward-mode AD and ``torch.func``
+    transforms) it is permuted and copied once, as timm's module does.
     """
 
     _normscope_channels_first = True
