@@ -18,6 +18,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _traced(worker: Callable, rank: int, world: int, port: int, out_dir: str) -> None:
+    """Run ``worker`` with faulthandler writing to ``fault{rank}.txt``: a rank killed by a signal (SIGABRT from a
+    C++ exception in a gloo thread, SIGSEGV) leaves the Python stacks of all its threads there."""
+    import faulthandler
+
+    with open(f"{out_dir}/fault{rank}.txt", "w") as f:
+        faulthandler.enable(file=f, all_threads=True)
+        try:
+            worker(rank, world, port, out_dir)
+        finally:
+            faulthandler.disable()
+
+
 def run_ranks(worker: Callable, world: int, out_dir: Path, timeout: float) -> List[dict]:
     """Spawn ``worker(rank, world, port, out_dir)`` for every rank and return each rank's ``out{rank}.json``.
 
@@ -26,7 +39,8 @@ def run_ranks(worker: Callable, world: int, out_dir: Path, timeout: float) -> Li
     """
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_traced, args=(worker, r, world, port, str(out_dir)), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -40,6 +54,9 @@ def run_ranks(worker: Callable, world: int, out_dir: Path, timeout: float) -> Li
                 p.join(5)
     errors = "".join(f"--- rank {r} ---\n{(out_dir / f'err{r}.txt').read_text()}" for r in range(world)
                      if (out_dir / f"err{r}.txt").exists())
+    errors += "".join(f"--- rank {r}: fatal signal ---\n{(out_dir / f'fault{r}.txt').read_text()}"
+                      for r in range(world)
+                      if (out_dir / f"fault{r}.txt").exists() and (out_dir / f"fault{r}.txt").stat().st_size)
     if hung or errors or any(p.exitcode != 0 for p in procs):
         pytest.fail(f"distributed workers failed (hung ranks: {hung}, exit codes: {[p.exitcode for p in procs]})"
                     f"\n{errors}")
