@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import socket
+import traceback
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Iterator, List
 
 import pytest
 import torch.multiprocessing as mp
@@ -16,6 +19,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int, out_dir: str, timeout: float = 60.0) -> Iterator[None]:
+    """In a spawned rank: a gloo process group for the body, destroyed after it; a failure (of the set-up or the
+    body) leaves its traceback in ``err{rank}.txt`` for :func:`run_ranks` to report, and is re-raised."""
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(f"{out_dir}/err{rank}.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def write_result(out_dir: str, rank: int, result) -> None:
+    """A rank's JSON result, read back by :func:`run_ranks`."""
+    with open(f"{out_dir}/out{rank}.json", "w") as f:
+        json.dump(result, f)
 
 
 def _traced(worker: Callable, rank: int, world: int, port: int, out_dir: str) -> None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_helpers import run_ranks
+from dist_helpers import gloo_rank, run_ranks, write_result
 from normscope.monitor import JSONLSink, Monitor
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -89,32 +88,23 @@ def _kept(raws, series):
 
 
 def _worker(rank, world, port, out_dir):
-    try:
-        calls = []
-        real = dist.all_reduce
+    calls = []
+    real = dist.all_reduce
 
-        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-            calls.append(str(op))
-            return real(tensor, op=op, group=group, async_op=async_op)
+    def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        calls.append(str(op))
+        return real(tensor, op=op, group=group, async_op=async_op)
 
-        dist.all_reduce = counting  # the Monitor's collectives (DDP reduces gradients in its C++ reducer)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        try:
-            series = []
-            mon, windows = _train(rank, world, sinks=[JSONLSink(f"{out_dir}/sink{rank}.jsonl")], ddp=True,
-                                  series=series)
-            train_calls = list(calls)
-            findings = [f.to_record() for f in mon.findings()]
-            mon.close()
-            with open(f"{out_dir}/out{rank}.json", "w") as f:
-                json.dump({"windows": windows, "findings": findings, "series": series, "calls": train_calls}, f)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(f"{out_dir}/err{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    dist.all_reduce = counting  # the Monitor's collectives (DDP reduces gradients in its C++ reducer)
+    with gloo_rank(rank, world, port, out_dir):
+        series = []
+        mon, windows = _train(rank, world, sinks=[JSONLSink(f"{out_dir}/sink{rank}.jsonl")], ddp=True,
+                              series=series)
+        train_calls = list(calls)
+        findings = [f.to_record() for f in mon.findings()]
+        mon.close()
+        write_result(out_dir, rank, {"windows": windows, "findings": findings, "series": series,
+                                     "calls": train_calls})
 
 
 def _run_ranks(world, out_dir, timeout=120.0):

@@ -4,17 +4,14 @@ the per-step gradient series) are global, equal to those of one process on the s
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_helpers import run_ranks
+from dist_helpers import gloo_rank, run_ranks, write_result
 from normscope.monitor import Monitor
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -113,32 +110,22 @@ def _fully_shard(net):
 
 
 def _worker(rank, world, port, out_dir):
-    try:
-        real = dist.all_reduce
+    real = dist.all_reduce
 
-        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-            _CALLS.append(str(op))
-            return real(tensor, op=op, group=group, async_op=async_op)
+    def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        _CALLS.append(str(op))
+        return real(tensor, op=op, group=group, async_op=async_op)
 
-        dist.all_reduce = counting  # the collectives the Monitor issues (FSDP2 does not all-reduce here)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        try:
-            steps_calls = len(_CALLS)
-            after = _train(rank, world, _fully_shard)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                before = _train(rank, world, _fully_shard, before=True)
-            out = {"after": after, "before": before, "calls": len(_CALLS) - steps_calls,
-                   "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}
-            with open(f"{out_dir}/out{rank}.json", "w") as f:
-                json.dump(out, f)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(f"{out_dir}/err{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    dist.all_reduce = counting  # the collectives the Monitor issues (FSDP2 does not all-reduce here)
+    with gloo_rank(rank, world, port, out_dir):
+        steps_calls = len(_CALLS)
+        after = _train(rank, world, _fully_shard)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            before = _train(rank, world, _fully_shard, before=True)
+        write_result(out_dir, rank, {
+            "after": after, "before": before, "calls": len(_CALLS) - steps_calls,
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]})
 
 
 def _run_ranks(world, out_dir, timeout=150.0):

@@ -7,15 +7,11 @@ parameter gradients must agree in value (float64) and in placements, eager and u
 
 from __future__ import annotations
 
-import datetime
-import json
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_helpers import run_ranks
+from dist_helpers import gloo_rank, run_ranks, write_result
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -78,22 +74,11 @@ def _cases(mesh):
 
 
 def _worker(rank, world, port, out_dir):
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        try:
-            from torch.distributed.device_mesh import init_device_mesh
+    with gloo_rank(rank, world, port, out_dir):
+        from torch.distributed.device_mesh import init_device_mesh
 
-            torch.set_num_threads(1)
-            res = _cases(init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")))
-            with open(f"{out_dir}/out{rank}.json", "w") as f:
-                json.dump(res, f)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(f"{out_dir}/err{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+        torch.set_num_threads(1)
+        write_result(out_dir, rank, _cases(init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))))
 
 
 @pytest.fixture(scope="module")
