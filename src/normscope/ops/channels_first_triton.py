@@ -28,6 +28,15 @@ _BLOCK_C = 16
 
 
 @triton.jit
+def _tile(c0, s, smask, base, C, S, BLOCK_C: tl.constexpr):
+    """Channels ``c0 .. c0 + BLOCK_C`` at positions ``s``: channel indices, their mask, the tile's mask and offsets."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < C
+    m = cm[:, None] & smask[None, :]
+    return c, cm, m, base + c[:, None].to(tl.int64) * S + s[None, :]
+
+
+@triton.jit
 def _cf_fwd_kernel(X, W, B_, Y, MEAN, RSTD, C, S, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     b = tl.program_id(0)
@@ -37,26 +46,21 @@ def _cf_fwd_kernel(X, W, B_, Y, MEAN, RSTD, C, S, eps, HAS_W: tl.constexpr, HAS_
     base = b.to(tl.int64) * C * S
     acc = tl.zeros([BLOCK_S], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = (c[:, None] < C) & smask[None, :]
-        x = tl.load(X + base + c[:, None].to(tl.int64) * S + s[None, :], mask=m, other=0.0).to(tl.float32)
+        c, cm, m, offs = _tile(c0, s, smask, base, C, S, BLOCK_C)
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(x, axis=0)
     mean = acc / C
     acc = tl.zeros([BLOCK_S], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = (c[:, None] < C) & smask[None, :]
-        x = tl.load(X + base + c[:, None].to(tl.int64) * S + s[None, :], mask=m, other=0.0).to(tl.float32)
+        c, cm, m, offs = _tile(c0, s, smask, base, C, S, BLOCK_C)
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         d = tl.where(m, x - mean[None, :], 0.0)
         acc += tl.sum(d * d, axis=0)
     rstd = 1.0 / tl.sqrt(acc / C + eps)
     tl.store(MEAN + b.to(tl.int64) * S + s, mean, mask=smask)
     tl.store(RSTD + b.to(tl.int64) * S + s, rstd, mask=smask)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cm = c < C
-        m = cm[:, None] & smask[None, :]
-        offs = base + c[:, None].to(tl.int64) * S + s[None, :]
+        c, cm, m, offs = _tile(c0, s, smask, base, C, S, BLOCK_C)
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         y = (x - mean[None, :]) * rstd[None, :]
         if HAS_W:
@@ -81,10 +85,7 @@ def _cf_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PART, C, S, NS, HAS_W: tl.constexpr
     sg = tl.zeros([BLOCK_S], dtype=tl.float32)
     sgx = tl.zeros([BLOCK_S], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cm = c < C
-        m = cm[:, None] & smask[None, :]
-        offs = base + c[:, None].to(tl.int64) * S + s[None, :]
+        c, cm, m, offs = _tile(c0, s, smask, base, C, S, BLOCK_C)
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
         xhat = tl.where(m, (x - mean[None, :]) * rstd[None, :], 0.0)
@@ -98,10 +99,7 @@ def _cf_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PART, C, S, NS, HAS_W: tl.constexpr
     sg = sg / C
     sgx = sgx / C
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cm = c < C
-        m = cm[:, None] & smask[None, :]
-        offs = base + c[:, None].to(tl.int64) * S + s[None, :]
+        c, cm, m, offs = _tile(c0, s, smask, base, C, S, BLOCK_C)
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :]) * rstd[None, :]
