@@ -233,3 +233,24 @@ def test_the_op_itself_under_forward_mode_ad_raises_instead_of_a_zero_tangent():
                        (x,), (t,))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD formula"):
         torch.ops.normscope.norm_fwd(fwAD.make_dual(x, t), None, None, None, None, 1e-5, True, None)
+
+
+def test_script_layernorm2d_and_a_converted_channels_first_model():
+    import zoo
+
+    torch.manual_seed(4)
+    ours = normscope.nn.LayerNorm2d(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.normal_()
+    x = torch.randn(2, 6, 5, 4)
+    scripted = torch.jit.script(ours)
+    assert _uses_normscope_op(scripted)
+    torch.testing.assert_close(scripted(x), ours(x), rtol=1e-6, atol=1e-6)
+    # a model with timm's LayerNorm2d scripts before convert; after convert it still does
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), zoo.LayerNorm2d(6), torch.nn.GELU())
+    ref = torch.jit.script(model)(torch.randn(1, 3, 2, 2))
+    assert ref.shape == (1, 6, 2, 2)
+    assert [r.replacement for r in normscope.convert(model)] == ["LayerNorm2d"]
+    xi = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(torch.jit.script(model)(xi), model(xi), rtol=1e-6, atol=1e-6)

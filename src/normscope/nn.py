@@ -152,6 +152,14 @@ class LayerNorm2d(torch.nn.LayerNorm):
                          dtype=dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: normscope's op on the NHWC view
+            y = _script_norm(input.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps, False,
+                             0.0)
+            return y.movedim(-1, 1)
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
             raise ShapeError(f"Expected input of shape (N, C, ...) with C = {self.normalized_shape[0]}, but got "
                              f"{input.dim()}-D tensor of size {list(input.shape)}")
