@@ -37,3 +37,12 @@ tail -3 "$OUT/bench.err"
 timeout "${MONITOR_BENCH_TIMEOUT:-300}" python3 benchmarks/monitor_overhead_gpu.py --json "$OUT/monitor-overhead.json" \
   --markdown "$OUT/monitor-overhead.md" 2>>"$OUT/bench.err" >/dev/null
 echo "monitor overhead exit $?"
+# LN-LSTM / LN-GRU: the Triton step kernels on the GPU (values and gradients against the module path), then their
+# speed against the per-step module path and cuDNN's nn.LSTM / nn.GRU (no LN).
+timeout "$TEST_TIMEOUT" python3 -m pytest tests/test_recurrent_triton.py -q -p no:cacheprovider \
+  >"$OUT/tests-recurrent-triton.log" 2>&1
+echo "recurrent triton tests exit $?" >>"$OUT/tests-recurrent-triton.log"
+tail -1 "$OUT/tests-recurrent-triton.log"
+timeout "${RNN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_ln_rnn_gpu.py --json "$OUT/ln-rnn-gpu.json" \
+  --markdown "$OUT/ln-rnn-gpu.md" 2>>"$OUT/bench.err" >"$OUT/ln-rnn-gpu.log"
+echo "ln rnn gpu bench exit $?"

@@ -301,12 +301,36 @@ def _pack(x: Tensor, lengths: Tensor) -> Tuple[Tensor, _Packing]:
 #: module calls instead of the fused CPU kernels; each layer also has a ``fused`` attribute.
 _WARNED = False  # the unavailable fused kernels are reported once per process
 _FUSED = os.environ.get("NORMSCOPE_RNN_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+#: Which fused kernels run: ``"auto"`` (CPU tensors: the C++ kernels, float32 / float64; CUDA tensors: the Triton
+#: kernels, float32 / float16 / bfloat16), or ``"triton"`` to run the Triton kernels on any device (on CPU tensors
+#: under Triton's interpreter, ``TRITON_INTERPRET=1``: how the tests check them without a GPU). Environment
+#: variable NORMSCOPE_RNN_BACKEND.
+_FUSED_BACKEND = os.environ.get("NORMSCOPE_RNN_BACKEND", "auto").strip().lower() or "auto"
+
+
+def _pick_backend(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """The fused kernels for tensors of this device type and dtype (``"cpu"`` / ``"triton"``), or None."""
+    if _FUSED_BACKEND == "triton" or device_type == "cuda":
+        return "triton" if dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+    if device_type == "cpu":
+        return "cpu" if dtype in (torch.float32, torch.float64) else None
+    return None
+
+
+def _fused_kernels(backend: str):
+    if backend == "triton":
+        from normscope.ops import rnn_triton
+
+        return rnn_triton
+    from normscope.ops import rnn_cpu
+
+    return rnn_cpu
 
 
 class _LNRecurrent(torch.nn.Module):
     gates: int = 4
     mode: str = "LSTM"
-    #: Run through the fused CPU kernels where they apply (see :meth:`_fused_ok` and docs/recurrent.md).
+    #: Run through the fused kernels where they apply (see :meth:`_fused_backend` and docs/recurrent.md).
     fused: bool = True
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -465,46 +489,51 @@ class _LNRecurrent(torch.nn.Module):
         return [_gru_step(xg, state[0], p["weight_hh"], p["ln_hh"], p["bias_hh"], live)]
 
     def _fused_ok(self, data: Tensor, state: List[Tensor], p: dict) -> bool:
-        """Whether this direction runs through the fused CPU kernels (normscope.ops.rnn_cpu)."""
-        if not (self.fused and _FUSED) or data.device.type != "cpu" or data.dtype not in (torch.float32,
-                                                                                        torch.float64):
-            return False
+        """Whether this direction runs through the fused kernels (see :func:`_fused_backend`)."""
+        return self._fused_backend(data, state, p) is not None
+
+    def _fused_backend(self, data: Tensor, state: List[Tensor], p: dict) -> Optional[str]:
+        """The fused kernels this direction runs through: ``"cpu"`` (normscope.ops.rnn_cpu), ``"triton"``
+        (normscope.ops.rnn_triton, CUDA tensors) or None (the per-step module calls)."""
+        backend = _pick_backend(data.device.type, data.dtype)
+        if not (self.fused and _FUSED) or backend is None:
+            return None
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return False
+            return None
         from torch.autograd import forward_ad
 
         if forward_ad._current_level >= 0:  # forward-mode AD: the per-step ops have forward derivatives
-            return False
+            return None
         norms = [m for m in (p["ln_hh"], p["ln_c"]) if m is not None]
         if any(m._forward_hooks or m._forward_pre_hooks or m.step_observers for m in norms):
-            return False  # observed per time step (a Monitor, forward hooks): each norm call must happen
+            return None  # observed per time step (a Monitor, forward hooks): each norm call must happen
         from torch.nn.modules import module as _module
 
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-            return False
+            return None
         tensors = [t for t in (*state, p["weight_hh"], p["bias_hh"], *(m.weight for m in norms),
                                getattr(p["ln_c"], "bias", None)) if t is not None]
         if any(t.dtype != data.dtype or t.device != data.device for t in tensors):
-            return False
-        from normscope.ops import rnn_cpu
-
-        if rnn_cpu.available():
-            return True
+            return None
+        kernels = _fused_kernels(backend)
+        if kernels.available():
+            return backend
         global _WARNED
         if not _WARNED:
             _WARNED = True
-            warnings.warn(f"normscope: the fused LN-LSTM / LN-GRU CPU kernels are unavailable "
-                          f"({rnn_cpu.unavailable_reason()}); running the per-step ops instead (slower; same values)",
-                          RuntimeWarning, stacklevel=4)
-        return False
+            warnings.warn(f"normscope: the fused LN-LSTM / LN-GRU {'CPU' if backend == 'cpu' else 'Triton'} kernels "
+                          f"are unavailable ({kernels.unavailable_reason()}); running the per-step ops instead "
+                          f"(slower; same values)", RuntimeWarning, stacklevel=4)
+        return None
 
     def _run_packed(self, data: Tensor, pk: _Packing, state: List[Tensor], p: dict, reverse: bool,
                     zero_init: bool):
         """One direction of one layer over packed rows; returns (packed outputs ``(N, H)``, final state).
         ``zero_init``: the initial state is zeros (no ``hx``), so rows that have not run yet hold zeros."""
         xg = self._input_gates(data, p, pk)  # (N, G, H)
-        if self._fused_ok(data, state, p):
-            from normscope.ops import rnn_cpu
+        backend = self._fused_backend(data, state, p)
+        if backend is not None:
+            rnn_cpu = _fused_kernels(backend)  # normscope.ops.rnn_cpu or rnn_triton: the same functions
 
             if self.mode == "LSTM":
                 out, h, c = rnn_cpu.lstm_sequence(xg, state[0], state[1], p["weight_hh"], p["ln_hh"].weight,
