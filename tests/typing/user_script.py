@@ -39,6 +39,7 @@ from normscope.analysis import (
     ModelReport,
     QuantReport,
     SkippedNorm,
+    TFLiteReport,
     fake_quantize,
     sqnr_db,
 )
@@ -187,6 +188,11 @@ def analysis(tmp: Path) -> None:
     print("onnx ok:", exported.ok, exported.norm_nodes)
     export2: ExportReport = normscope.analysis.export_onnx(model, (x,), tmp / "block2.onnx", verify=False)
     print("exported without a check:", export2.path)
+    try:
+        tl: TFLiteReport = normscope.analysis.export_tflite(model, (x,), tmp / "block.tflite")
+        print("tflite ok:", tl.ok, tl.norm_ops, tl.size_bytes)
+    except ImportError as e:  # needs normscope[edge]
+        print("tflite export needs the edge extra:", "normscope[edge]" in str(e))
 
 
 def monitor(tmp: Path) -> None:

@@ -20,19 +20,25 @@ model directory (config.json + *.safetensors; loaded offline, example input_ids 
 examples:
   normscope export mypkg.models:tiny_mlp mlp.onnx
   normscope export ./my-gpt2 gpt2.onnx --opset 23
+  normscope export ./my-gpt2 gpt2.tflite --format tflite
 """
 
 _ONNX_HINT = "pip install 'normscope[onnx]'"
+_EDGE_HINT = "pip install 'normscope[edge]'"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help=HELP, description=HELP, epilog=_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="package.module:factory or a Hugging Face model directory")
-    p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("out", metavar="OUT", help="the .onnx (or, with --format tflite, .tflite) file to write")
+    p.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
+                   help="onnx (default; checked with onnxruntime) or tflite (litert-torch; checked with the LiteRT "
+                        "interpreter; extra 'edge')")
     p.add_argument("--opset", type=int, default=None, metavar="N",
                    help="ONNX opset, >= 17 (default: 18; 23 for RMSNormalization)")
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check against PyTorch")
+    p.add_argument("--no-verify", action="store_true", 
+                   help="skip the runtime check (onnxruntime or LiteRT) against PyTorch")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(run=run, prog=p.prog)
     return p
@@ -43,7 +49,7 @@ def _check_out(path: str) -> str:
     from normscope._paths import check_output
 
     if not path:
-        return "OUT.onnx must be a non-empty path"
+        return "OUT must be a non-empty path"
     problem = check_output(path)
     return f"cannot write {path!r}: {problem}" if problem else ""
 
@@ -72,10 +78,32 @@ def summary(report, description: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def tflite_summary(report, description: str = "") -> str:
+    lines = []
+    if description:
+        lines.append(f"model:       {description}")
+    lines.append(f"wrote:       {report.path} ({report.size_bytes / 1e6:.3g} MB, converted in {report.seconds:.3g} s)")
+    lines.append("exporter:    litert-torch (TFLite)")
+    lines.append(f"norm ops:    RSQRT x{report.norm_ops} (expected {report.expected_norms})")
+    lines.append(f"max abs diff: {_fmt(report.max_abs_diff)}")
+    lines.append(f"max rel diff: {_fmt(report.max_rel_diff)}")
+    for w in report.warnings:
+        lines.append(f"warning:     {w}")
+    lines.append("OK" if report.ok else "NOT OK")
+    return "\n".join(lines) + "\n"
+
+
+def _missing_edge() -> list:
+    return [d for d, m in (("litert-torch", "litert_torch"), ("ai-edge-litert", "ai_edge_litert"))
+            if importlib.util.find_spec(m) is None]
+
+
 def run(args: argparse.Namespace) -> int:
     from normscope.cli._models import failer
 
     fail = failer(args, "normscope export")
+    if getattr(args, "format", "onnx") == "tflite":
+        return _run_tflite(args, fail)
 
     from normscope.analysis.onnx_export import DEFAULT_OPSET
 
@@ -115,5 +143,44 @@ def run(args: argparse.Namespace) -> int:
 
     status = sys.stderr if is_stdout(args.out) else sys.stdout  # the ONNX file itself may be on stdout
     status.write(summary(report, description))
+    status.flush()
+    return 0 if report.ok else 1
+
+
+def _run_tflite(args: argparse.Namespace, fail) -> int:
+    if args.opset is not None:
+        return fail("--opset applies to --format onnx only")
+    problem = _check_out(args.out)
+    if problem:
+        return fail(problem)
+    missing = _missing_edge()
+    if missing:
+        return fail(f"TFLite export needs {', '.join(missing)}: {_EDGE_HINT}")
+
+    from normscope.cli._models import UsageError, load_model
+
+    try:
+        model, example_inputs, description = load_model(args.model)
+    except UsageError as e:
+        return fail(str(e))
+
+    from normscope.analysis.tflite_export import export_tflite
+
+    try:
+        report = export_tflite(model, example_inputs, args.out, verify=not args.no_verify)
+    except ImportError as e:
+        return fail(f"TFLite export needs litert-torch and ai-edge-litert ({e.name or e}): {_EDGE_HINT}")
+    except (TypeError, ValueError, PermissionError) as e:
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, (TypeError, ValueError)) and not line.startswith("Expected"):
+            return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
+        return fail(line)
+    except Exception as e:  # noqa: BLE001 - the converter failed on this model
+        line = (str(e).strip().splitlines() or [""])[0]
+        return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
+    from normscope._paths import is_stdout
+
+    status = sys.stderr if is_stdout(args.out) else sys.stdout
+    status.write(tflite_summary(report, description))
     status.flush()
     return 0 if report.ok else 1
