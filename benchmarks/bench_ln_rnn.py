@@ -5,9 +5,14 @@ price of LN), forward and forward+backward, on the CPU (or --device cuda).
     python benchmarks/bench_ln_rnn.py [--shapes T,B,I,H ...] [--repeats 5] [--threads N] [--device cpu]
 
 Prints one row per (cell, shape, mode) with median milliseconds of normscope (the fused CPU kernels where they
-apply), normscope with ``fused=False`` (the per-step module calls that a Monitor or forward hooks get), the
-composite and torch, and the ratios composite/normscope (higher is better for normscope) and normscope/torch
-(the price of LN; 1.0 = free).
+apply: the time loop in C++), normscope with the time loop in Python (one matmul and one kernel call per step,
+what runs where torch has no MKL gemm to hand to the kernels), normscope with ``fused=False`` (the per-step module
+calls that a Monitor or forward hooks get), the composite and torch, and the ratios composite/normscope (higher is
+better for normscope) and normscope/torch (the price of LN; 1.0 = free), each with its spread (min-max over the
+repeats, ratios of the same repeat).
+
+Fairness: every variant runs under the same torch thread count, gets two warm-up calls, and the repeats are
+interleaved (variant A, B, C, ... then again), so a load change on the machine hits all variants alike.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from normscope.ops import rnn_cpu
 from normscope.recurrent import LayerNormGRU, LayerNormLSTM
 
 
@@ -60,16 +66,36 @@ class CompositeLNLSTM(torch.nn.Module):
         return torch.stack(outs), h
 
 
-def _time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
+def _python_loop(fn):
+    """``fn`` with the fused kernels' time loop in Python (no gemm address: one matmul + kernel call per step)."""
+    def f():
+        real = rnn_cpu._gemm_address
+        rnn_cpu._gemm_address = lambda dtype: None
+        try:
+            fn()
+        finally:
+            rnn_cpu._gemm_address = real
+    return f
+
+
+def _time_interleaved(fns, repeats: int, sync):
+    """Per variant, the list of the wall times (ms) of ``repeats`` interleaved runs after two warm-ups each."""
+    for fn in fns:
+        for _ in range(2):
+            fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _fmt(v) -> str:
+    return f"{statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
 
 
 def main() -> None:
@@ -87,8 +113,8 @@ def main() -> None:
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, device {dev}")
-    print(f"{'cell':5} {'T,B,I,H':>16} {'mode':8} {'normscope ms':>13} {'unfused ms':>11} {'composite ms':>13} "
-          f"{'torch ms':>9} {'composite/ns':>13} {'ns/torch':>9}")
+    print("cell  T,B,I,H  mode | ms, median [min-max]: normscope | py-loop | unfused | composite | torch "
+          "| ratios, median [min-max]: composite/ns | py-loop/ns | ns/torch")
     for cell in args.cells.split(","):
         gru = cell == "gru"
         for shape in args.shapes:
@@ -110,12 +136,12 @@ def main() -> None:
                         return f
                     return lambda: m(x)[0].sum().backward()
 
-                t_ns = _time(call(ours), args.repeats, sync)
-                t_unf = _time(call(unfused), args.repeats, sync)
-                t_comp = _time(call(comp), args.repeats, sync)
-                t_torch = _time(call(plain), args.repeats, sync)
-                print(f"{cell:5} {shape:>16} {mode:8} {t_ns:13.2f} {t_unf:11.2f} {t_comp:13.2f} {t_torch:9.2f} "
-                      f"{t_comp / t_ns:13.2f} {t_ns / t_torch:9.2f}", flush=True)
+                fns = [call(ours), _python_loop(call(ours)), call(unfused), call(comp), call(plain)]
+                t_ns, t_py, t_unf, t_comp, t_torch = _time_interleaved(fns, args.repeats, sync)
+                ratios = [[a / b for a, b in zip(num, den)] for num, den in
+                          ((t_comp, t_ns), (t_py, t_ns), (t_ns, t_torch))]
+                print(f"{cell} {shape} {mode} | " + " | ".join(_fmt(v) for v in (t_ns, t_py, t_unf, t_comp, t_torch))
+                      + " | " + " | ".join(_fmt(v) for v in ratios), flush=True)
 
 
 if __name__ == "__main__":

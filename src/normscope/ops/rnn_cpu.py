@@ -2,10 +2,15 @@
 
 Built on first use like :mod:`normscope.ops.cpu_backend` (the system C++ compiler, ``-O3 -march=native
 -fopenmp``, cached under ``$NORMSCOPE_CACHE_DIR`` or ``~/.cache/normscope`` by a hash of the source, flags,
-compiler and CPU; loaded with ctypes). Per time step, torch does the recurrent matmul and one kernel call does
-the rest (the per-gate-block layer norm of the hidden pre-activations, the gate nonlinearities, the state update
-and the LSTM's cell-state norm); the backward mirrors it, with the weight gradients of all steps as one matmul
-and the norm-gain gradients summed in a fixed row order (bitwise the same for any number of threads).
+compiler and CPU; loaded with ctypes). Per step, torch does the recurrent matmul (``torch.mm``) and one kernel
+call does the rest. Opt-in (``NORMSCOPE_RNN_CPU_LOOP=cpp``; measured at 0.9-1.17x, so not the default), the time
+loop of a direction runs in C++ instead, one call per sequence: per
+step, the recurrent matmul (torch's own BLAS ``sgemm_`` / ``dgemm_``, whose address is looked up in
+``libtorch_cpu`` and handed to the kernel, so the library needs no torch headers) and one fused pass for the rest
+(the per-gate-block layer norm of the hidden pre-activations, the gate nonlinearities, the state update and the
+LSTM's cell-state norm); the backward mirrors it, with the weight gradients of all steps as one matmul and the
+norm-gain gradients summed in a fixed row order (bitwise the same for any number of threads). Where torch
+exports no Fortran gemm (builds without MKL), the loop stays in Python, with the same values.
 
 :func:`lstm_sequence` / :func:`gru_sequence` run one direction of one layer over a packed batch and are
 differentiable (first order; see docs/recurrent.md for what takes the unfused path). float32 and float64.
@@ -32,7 +37,7 @@ __all__ = ["available", "unavailable_reason", "lstm_sequence", "gru_sequence"]
 _SRC = Path(__file__).resolve().parent / "csrc" / "ln_rnn_cpu.cpp"
 # -fno-trapping-math: comparisons may be if-converted (the clamps in vexp / vtanh vectorize); no value changes.
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-shared")
-_ABI = 2
+_ABI = 3
 _SFX = {torch.float32: "f32", torch.float64: "f64"}
 _PARALLEL_MIN = 1 << 14  # below this many elements per step, one thread
 
@@ -94,6 +99,10 @@ def _declare(lib: ctypes.CDLL) -> None:
             ("ns_gru_fwd", [i64, i64, i64] + [ptr] * 5 + [dbl] + [ptr] * 6 + [cint]),
             ("ns_gru_bwd", [i64, i64, i64] + [ptr] * 11 + [cint]),
             ("ns_rnn_colsum", [i64, i64, ptr, ptr, ptr, cint]),
+            ("ns_lstm_seq_fwd", [i64, ptr, i64] + [ptr] * 9 + [dbl] + [ptr] * 9 + [cint, i64]),
+            ("ns_lstm_seq_bwd", [i64, ptr, i64] + [ptr] * 17 + [cint, i64]),
+            ("ns_gru_seq_fwd", [i64, ptr, i64] + [ptr] * 7 + [dbl] + [ptr] * 6 + [cint, i64]),
+            ("ns_gru_seq_bwd", [i64, ptr, i64] + [ptr] * 13 + [cint, i64]),
         ):
             fn = getattr(lib, f"{name}_{sfx}")
             fn.argtypes = args
@@ -116,6 +125,33 @@ def _fn(name: str, dtype: torch.dtype):
     if lib is None:
         raise RuntimeError(f"normscope's fused recurrent CPU kernels are unavailable: {_error}")
     return getattr(lib, f"{name}_{_SFX[dtype]}")
+
+
+_gemm_cache: dict = {}
+
+
+def _find_gemm(name: str) -> Optional[int]:
+    """Address of torch's exported Fortran BLAS ``name`` (``sgemm_`` / ``dgemm_``), or None where torch has none
+    (builds on OpenBLAS / without MKL: the per-step Python loop is used there)."""
+    # Opt-in (NORMSCOPE_RNN_CPU_LOOP=cpp): measured at 0.9-1.17x the per-step Python loop on a 2-core VM
+    # (BENCHMARKS.md), not worth a second path by default until it is faster.
+    if os.environ.get("NORMSCOPE_RNN_CPU_LOOP", "python").strip().lower() != "cpp":
+        return None
+    if name not in _gemm_cache:
+        addr = None
+        if "BLAS_INFO=mkl" in torch.__config__.show():
+            try:
+                lib = ctypes.CDLL(str(Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"))
+                addr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                addr = None
+        _gemm_cache[name] = addr
+    return _gemm_cache[name]
+
+
+def _gemm_address(dtype: torch.dtype) -> Optional[int]:
+    """The BLAS gemm the C++ time loop calls for ``dtype``; None selects the per-step Python loop."""
+    return _find_gemm("sgemm_" if dtype == torch.float32 else "dgemm_")
 
 
 def _p(t: Optional[Tensor]) -> Optional[int]:
@@ -152,6 +188,7 @@ class _Plan:
             live = min(started, n) if zero_init else n
             started = max(started, n)
             self.steps.append((self.offsets[t], n, live))
+        self.table = torch.tensor(self.steps, dtype=torch.int64).reshape(-1, 3)  # for the C++ time loop
 
 
 class _Rows:
@@ -184,13 +221,20 @@ class _LSTMSequence(torch.autograd.Function):
         xhat, gates = xg.new_empty(N, 4, H), xg.new_empty(N, 4, H)
         rstd, rstd_c = xg.new_empty(N, 4), xg.new_empty(N)
         p = xg.new_empty(h.shape[0], 4 * H)
-        w_t = w_hh.t()
-        rows = _Rows(xg, out, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
-        fixed = (_p(p), _p(h), _p(c), _p(g_hh), _p(g_c), _p(b_c), float(eps))
-        for off, n, k in plan.steps:
-            _recurrent_mm(h, w_t, p, k)
-            x_a, *outs = rows.at(off)
-            fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 4 * H))
+        gemm = _gemm_address(xg.dtype)
+        if gemm is not None:
+            _fn("ns_lstm_seq_fwd", xg.dtype)(
+                len(plan.steps), _p(plan.table), H, gemm, _p(xg), _p(w_hh), _p(p), _p(h), _p(c), _p(g_hh), _p(g_c),
+                _p(b_c), float(eps), _p(out), _p(hprev), _p(cprev), _p(xhat), _p(rstd), _p(gates), _p(cn),
+                _p(rstd_c), _p(th), max(1, torch.get_num_threads()), _PARALLEL_MIN)
+        else:
+            w_t = w_hh.t()
+            rows = _Rows(xg, out, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
+            fixed = (_p(p), _p(h), _p(c), _p(g_hh), _p(g_c), _p(b_c), float(eps))
+            for off, n, k in plan.steps:
+                _recurrent_mm(h, w_t, p, k)
+                x_a, *outs = rows.at(off)
+                fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 4 * H))
         ctx.plan = plan
         ctx.save_for_backward(w_hh, g_hh, g_c, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
         return out, h, c
@@ -207,15 +251,23 @@ class _LSTMSequence(torch.autograd.Function):
         dxg = hprev.new_empty(N, 4, H)
         dp = hprev.new_zeros(N, 4 * H)
         dy = hprev.new_empty(N, H)
-        rows = _Rows(dout, cprev, xhat, rstd, gates, cn, rstd_c, th, dxg, dp, dy)
-        fixed = (_p(dh), _p(dc))
-        consts = (_p(g_hh), _p(g_c))
-        for off, n, k in reversed(ctx.plan.steps):
-            d_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a, dx_a, dp_a, dy_a = rows.at(off)
-            bwd(n, k, H, d_a, *fixed, cp_a, *consts, xh_a, r_a, g_a, cn_a, rc_a, th_a, dx_a, dp_a, dy_a,
-                _threads(n * 4 * H))
-            if k:
-                torch.mm(dp[off:off + k], w_hh, out=dh[:k])
+        gemm = _gemm_address(hprev.dtype)
+        if gemm is not None:
+            plan = ctx.plan
+            _fn("ns_lstm_seq_bwd", hprev.dtype)(
+                len(plan.steps), _p(plan.table), H, gemm, _p(w_hh), _p(dout), _p(dh), _p(dc), _p(cprev), _p(g_hh),
+                _p(g_c), _p(xhat), _p(rstd), _p(gates), _p(cn), _p(rstd_c), _p(th), _p(dxg), _p(dp), _p(dy),
+                max(1, torch.get_num_threads()), _PARALLEL_MIN)
+        else:
+            rows = _Rows(dout, cprev, xhat, rstd, gates, cn, rstd_c, th, dxg, dp, dy)
+            fixed = (_p(dh), _p(dc))
+            consts = (_p(g_hh), _p(g_c))
+            for off, n, k in reversed(ctx.plan.steps):
+                d_a, cp_a, xh_a, r_a, g_a, cn_a, rc_a, th_a, dx_a, dp_a, dy_a = rows.at(off)
+                bwd(n, k, H, d_a, *fixed, cp_a, *consts, xh_a, r_a, g_a, cn_a, rc_a, th_a, dx_a, dp_a, dy_a,
+                    _threads(n * 4 * H))
+                if k:
+                    torch.mm(dp[off:off + k], w_hh, out=dh[:k])
         dw = dp.t().mm(hprev)
         d_ghh = _colsum(dxg, xhat, (4, H))
         d_gc = _colsum(dy, cn, (H,))
@@ -235,13 +287,20 @@ class _GRUSequence(torch.autograd.Function):
         xhat, gates = xg.new_empty(N, 3, H), xg.new_empty(N, 3, H)
         rstd = xg.new_empty(N, 3)
         p = xg.new_empty(h.shape[0], 3 * H)
-        w_t = w_hh.t()
-        rows = _Rows(xg, out, hprev, xhat, rstd, gates, hn)
-        fixed = (_p(p), _p(h), _p(g_hh), _p(b), float(eps))
-        for off, n, k in plan.steps:
-            _recurrent_mm(h, w_t, p, k)
-            x_a, *outs = rows.at(off)
-            fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 3 * H))
+        gemm = _gemm_address(xg.dtype)
+        if gemm is not None:
+            _fn("ns_gru_seq_fwd", xg.dtype)(
+                len(plan.steps), _p(plan.table), H, gemm, _p(xg), _p(w_hh), _p(p), _p(h), _p(g_hh), _p(b),
+                float(eps), _p(out), _p(hprev), _p(xhat), _p(rstd), _p(gates), _p(hn),
+                max(1, torch.get_num_threads()), _PARALLEL_MIN)
+        else:
+            w_t = w_hh.t()
+            rows = _Rows(xg, out, hprev, xhat, rstd, gates, hn)
+            fixed = (_p(p), _p(h), _p(g_hh), _p(b), float(eps))
+            for off, n, k in plan.steps:
+                _recurrent_mm(h, w_t, p, k)
+                x_a, *outs = rows.at(off)
+                fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 3 * H))
         ctx.plan, ctx.has_bias = plan, b_hh is not None
         ctx.save_for_backward(w_hh, g_hh, hprev, xhat, rstd, gates, hn)
         return out, h
@@ -256,12 +315,21 @@ class _GRUSequence(torch.autograd.Function):
         dh = dhT.clone(memory_format=torch.contiguous_format)
         dxg, dhg = hprev.new_empty(N, 3, H), hprev.new_empty(N, 3, H)
         dp = hprev.new_zeros(N, 3 * H)
-        rows = _Rows(dout, hprev, xhat, rstd, gates, hn, dxg, dhg, dp)
-        for off, n, k in reversed(ctx.plan.steps):
-            d_a, hp_a, xh_a, r_a, g_a, hn_a, dx_a, dg_a, dp_a = rows.at(off)
-            bwd(n, k, H, d_a, _p(dh), hp_a, _p(g_hh), xh_a, r_a, g_a, hn_a, dx_a, dg_a, dp_a, _threads(n * 3 * H))
-            if k:
-                dh[:k].addmm_(dp[off:off + k], w_hh)
+        gemm = _gemm_address(hprev.dtype)
+        if gemm is not None:
+            plan = ctx.plan
+            _fn("ns_gru_seq_bwd", hprev.dtype)(
+                len(plan.steps), _p(plan.table), H, gemm, _p(w_hh), _p(dout), _p(dh), _p(hprev), _p(g_hh),
+                _p(xhat), _p(rstd), _p(gates), _p(hn), _p(dxg), _p(dhg), _p(dp),
+                max(1, torch.get_num_threads()), _PARALLEL_MIN)
+        else:
+            rows = _Rows(dout, hprev, xhat, rstd, gates, hn, dxg, dhg, dp)
+            for off, n, k in reversed(ctx.plan.steps):
+                d_a, hp_a, xh_a, r_a, g_a, hn_a, dx_a, dg_a, dp_a = rows.at(off)
+                bwd(n, k, H, d_a, _p(dh), hp_a, _p(g_hh), xh_a, r_a, g_a, hn_a, dx_a, dg_a, dp_a,
+                    _threads(n * 3 * H))
+                if k:
+                    dh[:k].addmm_(dp[off:off + k], w_hh)
         dw = dp.t().mm(hprev)
         d_ghh = _colsum(dhg, xhat, (3, H))
         d_bhh = _colsum(dhg, None, (3 * H,)) if ctx.has_bias else None

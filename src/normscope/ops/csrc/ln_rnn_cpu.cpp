@@ -317,11 +317,88 @@ void colsum(int64_t R, int64_t C, const T* a, const T* b, T* out, int threads) {
     }
 }
 
+// Whole-sequence drivers: the time loop of one direction in C++ (one call per sequence and direction instead of
+// a torch matmul and a kernel call per step). The recurrent matmul goes through the Fortran BLAS gemm whose
+// address the caller passes (torch's own MKL sgemm_ / dgemm_, so no torch headers or link here). steps
+// (nsteps x 3, int64): (row offset, running rows n, live rows k) in the order they run. Row-major tensors
+// are column-major transposes: p^T (4H x k) = W_hh^T-as-stored ('T') times h^T.
+template <typename T>
+using gemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                         const int*, const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
+inline void gemm_rm(gemm_fn<T> gemm, bool trans_w, int64_t k, int64_t M, int64_t K, const T* w, const T* x,
+                    T beta, T* y) {
+    // y (k, M) row-major = x (k, K) @ (trans_w ? w^T : w) with w stored (M, K) if trans_w else (K, M).
+    const char ta = trans_w ? 'T' : 'N', tb = 'N';
+    const int m = int(M), nn = int(k), kk = int(K), lda = trans_w ? int(K) : int(M), ldb = int(K), ldc = int(M);
+    const T one = T(1);
+    gemm(&ta, &tb, &m, &nn, &kk, &one, w, &lda, x, &ldb, &beta, y, &ldc);
+}
+
+inline int step_threads(int threads, int64_t elems, int64_t par_min) { return elems >= par_min ? threads : 1; }
+
+template <typename T>
+void lstm_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
+                  T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, T eps, T* out, T* hprev, T* cprev,
+                  T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th, int threads, int64_t par_min) {
+    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
+        if (k) gemm_rm<T>(gemm, true, k, 4 * H, H, w_hh, h, T(0), p);
+        lstm_fwd<T>(n, k, H, xg + o * 4 * H, p, h, c, g_hh, g_c, b_c, eps, out + o * H, hprev + o * H,
+                    cprev + o * H, xhat + o * 4 * H, rstd + o * 4, gates + o * 4 * H, cn + o * H, rstd_c + o,
+                    th + o * H, step_threads(threads, n * 4 * H, par_min));
+    }
+}
+
+template <typename T>
+void lstm_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* w_hh, const T* dout,
+                  T* dh, T* dc, const T* c_prev, const T* g_hh, const T* g_c, const T* xhat, const T* rstd,
+                  const T* gates, const T* cn, const T* rstd_c, const T* th, T* dxg, T* dp, T* dy, int threads,
+                  int64_t par_min) {
+    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
+    for (int64_t s = nsteps - 1; s >= 0; --s) {
+        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
+        lstm_bwd<T>(n, k, H, dout + o * H, dh, dc, c_prev + o * H, g_hh, g_c, xhat + o * 4 * H, rstd + o * 4,
+                    gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H, dxg + o * 4 * H, dp + o * 4 * H,
+                    dy + o * H, step_threads(threads, n * 4 * H, par_min));
+        if (k) gemm_rm<T>(gemm, false, k, H, 4 * H, w_hh, dp + o * 4 * H, T(0), dh);
+    }
+}
+
+template <typename T>
+void gru_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
+                 T* p, T* h, const T* g_hh, const T* b_hh, T eps, T* out, T* hprev, T* xhat, T* rstd, T* gates,
+                 T* hn, int threads, int64_t par_min) {
+    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
+    for (int64_t s = 0; s < nsteps; ++s) {
+        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
+        if (k) gemm_rm<T>(gemm, true, k, 3 * H, H, w_hh, h, T(0), p);
+        gru_fwd<T>(n, k, H, xg + o * 3 * H, p, h, g_hh, b_hh, eps, out + o * H, hprev + o * H, xhat + o * 3 * H,
+                   rstd + o * 3, gates + o * 3 * H, hn + o * H, step_threads(threads, n * 3 * H, par_min));
+    }
+}
+
+template <typename T>
+void gru_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* w_hh, const T* dout,
+                 T* dh, const T* h_prev, const T* g_hh, const T* xhat, const T* rstd, const T* gates, const T* hn,
+                 T* dxg, T* dhg, T* dp, int threads, int64_t par_min) {
+    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
+    for (int64_t s = nsteps - 1; s >= 0; --s) {
+        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
+        gru_bwd<T>(n, k, H, dout + o * H, dh, h_prev + o * H, g_hh, xhat + o * 3 * H, rstd + o * 3,
+                   gates + o * 3 * H, hn + o * H, dxg + o * 3 * H, dhg + o * 3 * H, dp + o * 3 * H,
+                   step_threads(threads, n * 3 * H, par_min));
+        if (k) gemm_rm<T>(gemm, false, k, H, 3 * H, w_hh, dp + o * 3 * H, T(1), dh);
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int ns_rnn_abi_version() { return 2; }
+int ns_rnn_abi_version() { return 3; }
 
 #define NS_RNN_ENTRY(SFX, T)                                                                                      \
     void ns_lstm_fwd_##SFX(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T* c, const T* g_hh,  \
@@ -348,6 +425,32 @@ int ns_rnn_abi_version() { return 2; }
     }                                                                                                             \
     void ns_rnn_colsum_##SFX(int64_t R, int64_t C, const T* a, const T* b, T* out, int threads) {                 \
         colsum<T>(R, C, a, b, out, threads);                                                                      \
+    }                                                                                                             \
+    void ns_lstm_seq_fwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* xg, const T* w,    \
+                               T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, double eps, T* out,   \
+                               T* hprev, T* cprev, T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th,           \
+                               int threads, int64_t par_min) {                                                    \
+        lstm_seq_fwd<T>(ns, st, H, gemm, xg, w, p, h, c, g_hh, g_c, b_c, T(eps), out, hprev, cprev, xhat, rstd,  \
+                        gates, cn, rstd_c, th, threads, par_min);                                                 \
+    }                                                                                                             \
+    void ns_lstm_seq_bwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* w, const T* dout,  \
+                               T* dh, T* dc, const T* c_prev, const T* g_hh, const T* g_c, const T* xhat,         \
+                               const T* rstd, const T* gates, const T* cn, const T* rstd_c, const T* th, T* dxg,  \
+                               T* dp, T* dy, int threads, int64_t par_min) {                                      \
+        lstm_seq_bwd<T>(ns, st, H, gemm, w, dout, dh, dc, c_prev, g_hh, g_c, xhat, rstd, gates, cn, rstd_c, th,  \
+                        dxg, dp, dy, threads, par_min);                                                           \
+    }                                                                                                             \
+    void ns_gru_seq_fwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* xg, const T* w,     \
+                              T* p, T* h, const T* g_hh, const T* b_hh, double eps, T* out, T* hprev, T* xhat,    \
+                              T* rstd, T* gates, T* hn, int threads, int64_t par_min) {                           \
+        gru_seq_fwd<T>(ns, st, H, gemm, xg, w, p, h, g_hh, b_hh, T(eps), out, hprev, xhat, rstd, gates, hn,      \
+                       threads, par_min);                                                                         \
+    }                                                                                                             \
+    void ns_gru_seq_bwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* w, const T* dout,   \
+                              T* dh, const T* h_prev, const T* g_hh, const T* xhat, const T* rstd,                \
+                              const T* gates, const T* hn, T* dxg, T* dhg, T* dp, int threads, int64_t par_min) { \
+        gru_seq_bwd<T>(ns, st, H, gemm, w, dout, dh, h_prev, g_hh, xhat, rstd, gates, hn, dxg, dhg, dp, threads, \
+                       par_min);                                                                                  \
     }
 
 NS_RNN_ENTRY(f32, float)
