@@ -19,18 +19,14 @@ differentiable (first order; see docs/recurrent.md for what takes the unfused pa
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from normscope.ops import cpu_backend as _cb
+from normscope.ops._native import NativeLib
 
 __all__ = ["available", "unavailable_reason", "lstm_sequence", "gru_sequence"]
 
@@ -40,55 +36,6 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-fno-math-
 _ABI = 3
 _SFX = {torch.float32: "f32", torch.float64: "f64"}
 _PARALLEL_MIN = 1 << 14  # below this many elements per step, one thread
-
-_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_error: Optional[str] = None
-
-
-def _build() -> Path:
-    cxx, version = _cb._compiler_version()
-    key = hashlib.sha256(b"\0".join([_SRC.read_bytes(), " ".join(_FLAGS).encode(), version.encode(),
-                                     _cb._cpu_id().encode()])).hexdigest()[:20]
-    cache = _cb._cache_dir()
-    out = cache / f"ln_rnn_cpu_{key}.so"
-    if out.exists():
-        return out
-    _cb._make_cache_dir(cache)
-    with _cb._file_lock(cache / f"ln_rnn_cpu_{key}.lock"):
-        if out.exists():
-            return out
-        fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=cache)
-        os.close(fd)
-        try:
-            proc = subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=600)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling {_SRC.name} with {cxx!r} failed (exit {proc.returncode}):\n"
-                                   f"{(proc.stdout + proc.stderr).strip()[-3000:]}")
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return out
-
-
-def _get_lib() -> Optional[ctypes.CDLL]:
-    global _lib, _error
-    if _lib is not None or _error is not None:
-        return _lib
-    with _lock:
-        if _lib is None and _error is None:
-            try:
-                lib = ctypes.CDLL(str(_build()))
-                if lib.ns_rnn_abi_version() != _ABI:
-                    raise RuntimeError("the recurrent kernel library has the wrong ABI version; delete it and retry")
-                _declare(lib)
-                _lib = lib
-            except Exception as e:  # noqa: BLE001 - reported through available() / unavailable_reason()
-                _error = str(e) or type(e).__name__
-    return _lib
-
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, dbl, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
@@ -109,6 +56,10 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn.restype = None
 
 
+_LIB = NativeLib(_SRC, _FLAGS, "ln_rnn_cpu", "ns_rnn_abi_version", _ABI, _declare)
+_get_lib = _LIB.get
+
+
 def available() -> bool:
     """Whether the fused recurrent kernels are usable (builds them on the first call, a few seconds)."""
     return _get_lib() is not None
@@ -116,14 +67,13 @@ def available() -> bool:
 
 def unavailable_reason() -> Optional[str]:
     """Why :func:`available` is False (None when it is True)."""
-    _get_lib()
-    return _error
+    return _LIB.error()
 
 
 def _fn(name: str, dtype: torch.dtype):
     lib = _get_lib()
     if lib is None:
-        raise RuntimeError(f"normscope's fused recurrent CPU kernels are unavailable: {_error}")
+        raise RuntimeError(f"normscope's fused recurrent CPU kernels are unavailable: {_LIB.error()}")
     return getattr(lib, f"{name}_{_SFX[dtype]}")
 
 
