@@ -103,19 +103,21 @@ def run(args: argparse.Namespace) -> int:
 
     fail = failer(args, "normscope export")
     if getattr(args, "format", "onnx") == "tflite":
-        return _run_tflite(args, fail)
+        if args.opset is not None:
+            return fail("--opset applies to --format onnx only")
+        missing, what = _missing_edge(), ("TFLite export", "litert-torch and ai-edge-litert", _EDGE_HINT)
+    else:
+        from normscope.analysis.onnx_export import DEFAULT_OPSET
 
-    from normscope.analysis.onnx_export import DEFAULT_OPSET
-
-    opset = DEFAULT_OPSET if args.opset is None else args.opset
-    if opset < 17:
-        return fail(f"--opset must be >= 17 (LayerNormalization needs opset 17), got {opset}")
+        args.opset = DEFAULT_OPSET if args.opset is None else args.opset
+        if args.opset < 17:
+            return fail(f"--opset must be >= 17 (LayerNormalization needs opset 17), got {args.opset}")
+        missing, what = _missing_onnx(), ("ONNX export", "onnx, onnxruntime and onnxscript", _ONNX_HINT)
     problem = _check_out(args.out)
     if problem:
         return fail(problem)
-    missing = _missing_onnx()
     if missing:
-        return fail(f"ONNX export needs {', '.join(missing)}: {_ONNX_HINT}")
+        return fail(f"{what[0]} needs {', '.join(missing)}: {what[2]}")
 
     from normscope.cli._models import UsageError, load_model
 
@@ -123,64 +125,31 @@ def run(args: argparse.Namespace) -> int:
         model, example_inputs, description = load_model(args.model)
     except UsageError as e:
         return fail(str(e))
-
-    from normscope.analysis.onnx_export import export_onnx
-
     try:
-        report = export_onnx(model, example_inputs, args.out, opset=opset, verify=not args.no_verify)
+        if args.format == "tflite":
+            from normscope.analysis.tflite_export import export_tflite
+
+            report = export_tflite(model, example_inputs, args.out, verify=not args.no_verify)
+            text = tflite_summary(report, description)
+        else:
+            from normscope.analysis.onnx_export import export_onnx
+
+            report = export_onnx(model, example_inputs, args.out, opset=args.opset, verify=not args.no_verify)
+            text = summary(report, description)
     except ImportError as e:
-        return fail(f"ONNX export needs onnx, onnxruntime and onnxscript ({e.name or e}): {_ONNX_HINT}")
+        return fail(f"{what[0]} needs {what[1]} ({e.name or e}): {what[2]}")
     except (TypeError, ValueError, PermissionError) as e:
-        # export_onnx's argument checks (example inputs, path, opset)
+        # the exporters' argument checks (example inputs, path, opset)
         line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, (TypeError, ValueError)) and not line.startswith("Expected"):
             return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
         return fail(line)
-    except Exception as e:  # noqa: BLE001 - the exporter failed on this model
+    except Exception as e:  # noqa: BLE001 - the exporter / converter failed on this model
         line = (str(e).strip().splitlines() or [""])[0]
         return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
     from normscope._paths import is_stdout
 
-    status = sys.stderr if is_stdout(args.out) else sys.stdout  # the ONNX file itself may be on stdout
-    status.write(summary(report, description))
-    status.flush()
-    return 0 if report.ok else 1
-
-
-def _run_tflite(args: argparse.Namespace, fail) -> int:
-    if args.opset is not None:
-        return fail("--opset applies to --format onnx only")
-    problem = _check_out(args.out)
-    if problem:
-        return fail(problem)
-    missing = _missing_edge()
-    if missing:
-        return fail(f"TFLite export needs {', '.join(missing)}: {_EDGE_HINT}")
-
-    from normscope.cli._models import UsageError, load_model
-
-    try:
-        model, example_inputs, description = load_model(args.model)
-    except UsageError as e:
-        return fail(str(e))
-
-    from normscope.analysis.tflite_export import export_tflite
-
-    try:
-        report = export_tflite(model, example_inputs, args.out, verify=not args.no_verify)
-    except ImportError as e:
-        return fail(f"TFLite export needs litert-torch and ai-edge-litert ({e.name or e}): {_EDGE_HINT}")
-    except (TypeError, ValueError, PermissionError) as e:
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, (TypeError, ValueError)) and not line.startswith("Expected"):
-            return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
-        return fail(line)
-    except Exception as e:  # noqa: BLE001 - the converter failed on this model
-        line = (str(e).strip().splitlines() or [""])[0]
-        return fail(f"export failed: {type(e).__name__}: {line} (rerun with --debug for the traceback)", 1)
-    from normscope._paths import is_stdout
-
-    status = sys.stderr if is_stdout(args.out) else sys.stdout
-    status.write(tflite_summary(report, description))
+    status = sys.stderr if is_stdout(args.out) else sys.stdout  # the exported file itself may be on stdout
+    status.write(text)
     status.flush()
     return 0 if report.ok else 1
