@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds .venv-NAME, a separate environment for an optional stack whose pins conflict with the development
-# environment's (nvidia-pytriton needs numpy<2; litert-torch pins older typing_extensions and pydantic):
+# environment's (litert-torch pins older typing_extensions and pydantic; nvidia-pytriton needs numpy<2):
 # torch's CPU build from requirements/torch-cpu.txt, then normscope itself (editable) with the given extras.
-# Usage: bash scripts/extra-venv.sh NAME EXTRAS      e.g.  bash scripts/extra-venv.sh triton triton-server
+# Usage: bash scripts/extra-venv.sh NAME EXTRAS      e.g.  bash scripts/extra-venv.sh edge edge,demo,hf
 # Tests that need such an environment find it at .venv-NAME (run by .ci/run; skipped locally when absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
