@@ -441,6 +441,25 @@ def export_onnx(
     return dataclasses.replace(report, path=path)
 
 
+def run_counting_norms(model: torch.nn.Module, args: tuple, kwargs: dict, layers) -> Tuple[Any, int]:
+    """``(model(*args, **kwargs), expected)``: the norm operators an export should hold, one per LayerNorm /
+    RMSNorm layer, or per call where a layer is called several times in this forward (a shared layer; a norm
+    inside a recurrent cell, once per time step). A layer whose module is not called still counts once (its
+    parameters may be used by a functional op)."""
+    calls = [0] * len(layers)
+
+    def counter(i):
+        return lambda *_: calls.__setitem__(i, calls[i] + 1)
+
+    handles = [layer.module.register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
+    try:
+        out = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, sum(max(1, n) for n in calls)
+
+
 def _without_cache(model: torch.nn.Module, kwargs: dict) -> dict:
     """``use_cache=False`` for a model whose ``forward`` takes ``use_cache`` when the caller did not set it: a Hugging
     Face decoder or encoder-decoder otherwise returns its key/value cache object (T5, Whisper return one even with
@@ -473,22 +492,8 @@ def _export_and_check(model, args, kwargs, path, opset, verify, cached_file, cac
             program.save(path)
             if cached_file is not None:
                 _cache_store(path, cached_file)
-        # One norm operator per LayerNorm / RMSNorm layer, or per call where a layer is called several times
-        # in this forward (a shared layer; a norm inside a recurrent cell, once per time step). A layer whose
-        # module is not called still counts once (its parameters may be used by a functional op).
-        calls = [0] * len(layers)
-
-        def counter(i):
-            return lambda *_: calls.__setitem__(i, calls[i] + 1)
-
-        handles = [layer.module.register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
-        try:
-            out = model(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        out, expected = run_counting_norms(model, args, kwargs, layers)
         reference = _flat_tensors(out) if verify else []
-        expected = sum(max(1, n) for n in calls)
 
     proto = onnx.load(path, load_external_data=False)
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)

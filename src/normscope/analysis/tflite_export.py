@@ -35,6 +35,7 @@ from normscope.analysis.onnx_export import (
     _split_inputs,
     _without_cache,
     onnx_decompositions,
+    run_counting_norms,
 )
 from normscope.discovery import find_norm_layers
 
@@ -147,19 +148,8 @@ def _export_and_check(model, args, kwargs, path, verify, layers) -> TFLiteReport
         edge_model.export(path)
         seconds = time.perf_counter() - start
 
-        calls = [0] * len(layers)
-
-        def counter(i):
-            return lambda *_: calls.__setitem__(i, calls[i] + 1)
-
-        handles = [layer.module.register_forward_hook(counter(i)) for i, layer in enumerate(layers)]
-        try:
-            out = model(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        out, expected = run_counting_norms(model, args, kwargs, layers)
         reference = _flat_tensors(out)
-        expected = sum(max(1, n) for n in calls)
 
     from ai_edge_litert.interpreter import Interpreter
 
