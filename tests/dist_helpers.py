@@ -48,8 +48,17 @@ def write_result(out_dir: str, rank: int, result) -> None:
 
 def _traced(worker: Callable, rank: int, world: int, port: int, out_dir: str) -> None:
     """Run ``worker`` with faulthandler writing to ``fault{rank}.txt``: a rank killed by a signal (SIGABRT from a
-    C++ exception in a gloo thread, SIGSEGV) leaves the Python stacks of all its threads there."""
+    C++ exception in a gloo thread, SIGSEGV) leaves the Python stacks of all its threads there.
+
+    A worker that returned has written its result and destroyed its process group; the rank then leaves with
+    ``os._exit(0)``, without the interpreter's finalization. That finalization runs the C++ static destructors of
+    torch's distributed libraries, which on a loaded machine now and then destroy a still-joinable background
+    thread ("terminate called without an active exception", SIGABRT) after everything the test checks is done.
+    A worker that raised still exits through the interpreter with a non-zero code and its traceback.
+    """
     import faulthandler
+    import os
+    import sys
 
     with open(f"{out_dir}/fault{rank}.txt", "w") as f:
         faulthandler.enable(file=f, all_threads=True)
@@ -57,6 +66,9 @@ def _traced(worker: Callable, rank: int, world: int, port: int, out_dir: str) ->
             worker(rank, world, port, out_dir)
         finally:
             faulthandler.disable()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(worker: Callable, world: int, out_dir: Path, timeout: float) -> List[dict]:
