@@ -3,6 +3,7 @@
 # environment's (litert-torch pins older typing_extensions and pydantic; nvidia-pytriton needs numpy<2):
 # torch's CPU build from requirements/torch-cpu.txt, then normscope itself (editable) with the given extras.
 # Usage: bash scripts/extra-venv.sh NAME EXTRAS      e.g.  bash scripts/extra-venv.sh edge edge,demo,hf
+#                                                         bash scripts/extra-venv.sh triton triton-server,demo,hf
 # Tests that need such an environment find it at .venv-NAME (run by .ci/run; skipped locally when absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -127,6 +127,12 @@ def test_dashboards_cover_their_audience():
     assert {"model_version:normscope_inference_request_duration_seconds:p99_5m",
             "model_version_reason:normscope_inference_failures:rate5m", "normscope_output_nonfinite_total",
             "normscope_prediction_drift", "ALERTS", "normscope_build_info"} <= names["normscope-oncall"]
+    # Triton Inference Server's own metrics next to normscope's, joined by model and version
+    assert {"model_version:nv_inference_request_success:rate5m", "model_version:normscope_inference_requests:rate5m",
+            "model_version:normscope_inference_requests:per_triton_request_ratio_rate5m",
+            "model_version:nv_inference_queue_duration_us:mean_seconds_5m",
+            "model_version:normscope_inference_request_duration_seconds:share_of_triton_mean5m",
+            } <= names["normscope-oncall"]
     assert {"normscope_input_variance", "instance_layer:normscope_eps_dominated_rows:ratio_rate15m",
             "normscope_weight_drift", "normscope_bias_drift", "normscope_layer_param_drift",
             "normscope_grad_input_norm", "normscope_grad_param_norm", "normscope_nonfinite_elements_total",

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from normscope.serving.metrics import METRICS, get_metric
+from normscope.serving.metrics import METRICS, TRITON_METRICS, get_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 RULE_FILES = sorted(p for p in PROM_DIR.glob("*rules*.yml") if "test" not in p.name)
 TEST_FILES = sorted(PROM_DIR.glob("*test*.yml"))
 
-CATALOGUE = {m.name: m for m in METRICS}
+#: normscope's metrics and the Triton Inference Server metrics the rules join with them.
+CATALOGUE = {m.name: m for m in METRICS + TRITON_METRICS}
 #: Series Prometheus makes itself, which rules and dashboards may use besides the catalogue.
 PROMETHEUS_OWN = {"up": ("job", "instance"), "ALERTS": None, "ALERTS_FOR_STATE": None}
 #: Labels Prometheus attaches to every scraped series.
@@ -220,6 +221,7 @@ ALERT_MUTATIONS = {
     "NormscopeServingTargetDown": ("for", "2m", "1m"),
     "NormscopeServingTargetMissing": ("for", "5m", "3m"),
     "NormscopeServingMetricsMissing": ("for", "10m", "8m"),
+    "NormscopeTritonTelemetryGap": ("expr", "< 0.95", "< 0.96"),
 }
 
 

@@ -197,3 +197,20 @@ def test_import_is_light():
             "print([m for m in ('prometheus_client', 'transformers', 'onnx', 'scipy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_docs_list_exactly_the_triton_metrics_the_rules_join():
+    from normscope.serving.metrics import TRITON_LABELS, TRITON_METRICS
+
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    rows = {m.group(1): [c.strip() for c in m.group(2).split("|")]
+            for m in re.finditer(r"^\|\s*`(nv_[a-z0-9_]+)`\s*\|(.*)\|\s*$", text, re.M)}
+    assert set(rows) == {m.name for m in TRITON_METRICS}
+    for m in TRITON_METRICS:
+        assert m.source == "triton" and m.name.startswith("nv_") and set(m.labels) <= set(TRITON_LABELS)
+        kind, labels, unit = rows[m.name][:3]
+        assert (kind, re.findall(r"`([a-z_]+)`", labels), unit) == (m.type, list(m.labels), m.unit), m.name
+    with pytest.raises(ValueError, match="Expected the name of a triton metric to start with 'nv_'"):
+        Metric("triton_requests", "counter", ("model",), "requests", "x", "triton")
+    with pytest.raises(ValueError, match="Expected labels from"):
+        Metric("nv_x", "counter", ("model_version",), "requests", "x", "triton")  # Triton says version

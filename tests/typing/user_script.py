@@ -88,6 +88,7 @@ PUBLIC_MODULES = (
     "normscope.integrations.lightning",
     "normscope.integrations.mlflow",
     "normscope.serving.otel",
+    "normscope.serving.triton",
     "normscope.functional",
     "normscope.ops.reference",
 )
@@ -279,6 +280,40 @@ def serving_and_report(tmp: Path) -> None:
     otel_name: str = prometheus_name("a.b", "s", False)
     print("otel:", OTEL_HINT[:10], SPAN_NAME, len(OTEL_METRICS), layer, otel_name, type(bridge).__name__)
     traced.uninstrument()
+    from normscope.serving.triton import (
+        TRITON_HINT,
+        TensorSpec,
+        TritonService,
+        backend_library_dir,
+        decode_texts,
+        infer_texts,
+        main,
+        minilm_service,
+        prepare_backend_environment,
+    )
+
+    env: Dict[str, str] = {}
+    libdir: Optional[str] = backend_library_dir()
+    added: Optional[str] = prepare_backend_environment(env)
+    texts: List[str] = decode_texts(np.array([[b"a text"]], dtype=object))
+
+    def from_request(request: Dict[str, Any]) -> Tuple[torch.Tensor]:
+        return (torch.from_numpy(request["x"]),)
+
+    for_triton = normscope.serving.instrument(model, model="block", model_version="1", monitor_every=None,
+                                              preprocess=from_request)
+    service = TritonService(for_triton, inputs=[TensorSpec("x", np.float32, (5, 16))],
+                            outputs=[TensorSpec("y", np.float32, (5, 16))], model_version=1)
+    responses: List[Dict[str, Any]] = service.infer([{"x": np.zeros((1, 5, 16), np.float32)}])
+    for_triton.close()
+    try:
+        http_status, http_body = infer_texts("http://127.0.0.1:9", ["a"], timeout=0.5)  # nothing listens there
+    except OSError:
+        http_status, http_body = 0, {}
+    minilm: TritonService = minilm_service(telemetry=False)
+    code: int = main(["--model-version", "v1"])  # not a Triton version: exit code 2, nothing started
+    print("triton:", TRITON_HINT[:10], libdir == added or added is None, texts, len(responses), http_status, http_body,
+          minilm.model_name, code, service.http_url)
 
     @normscope.serving.instrumented(model="fn", model_version="2")
     def predict(x: torch.Tensor) -> torch.Tensor:

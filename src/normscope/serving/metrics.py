@@ -28,14 +28,18 @@ __all__ = [
     "FAILURE_REASONS",
     "DRIFT_METRICS",
     "MAX_DRIFT_STATISTICS",
+    "TRITON_METRICS",
+    "TRITON_LABELS",
+    "TRITON_FAILURE_REASONS",
     "get_metric",
 ]
 
 METRIC_TYPES = ("counter", "gauge", "histogram")
 
-#: Who exports a metric: the training/serving monitor (``PrometheusSink``), the serving wrapper, or
-#: ``prometheus_client``'s process collector, which the wrapper registers in its registry.
-SOURCES = ("monitor", "serving", "process")
+#: Who exports a metric: the training/serving monitor (``PrometheusSink``), the serving wrapper,
+#: ``prometheus_client``'s process collector, which the wrapper registers in its registry, or Triton Inference
+#: Server itself (:data:`TRITON_METRICS`: not normscope's, listed because the rules and dashboards join them).
+SOURCES = ("monitor", "serving", "process", "triton")
 
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_SUFFIXES = ("_bucket", "_sum", "_count", "_created")
@@ -84,6 +88,20 @@ LABELS: Dict[str, Tuple[str, str]] = {
 
 _DRIFT_STATS = ("l2", "max_abs", "rms")
 
+#: Values of the ``reason`` label of Triton's ``nv_inference_request_failure``.
+TRITON_FAILURE_REASONS: Tuple[str, ...] = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
+#: Labels of Triton Inference Server's metrics: name -> (meaning, bound). Triton's ``version`` is the model
+#: version, normscope's ``model_version``; the recording rules copy it into ``model_version`` to join the two.
+TRITON_LABELS: Dict[str, Tuple[str, str]] = {
+    "model": ("name of the Triton model (normscope.serving.triton binds it to the wrapper's ``model``)",
+              "the models loaded in the server"),
+    "version": ("Triton model version (equal to the wrapper's ``model_version``)", "the versions loaded"),
+    "reason": ("why Triton failed a request: " + ", ".join(TRITON_FAILURE_REASONS) + " (BACKEND: the model's "
+               "infer function raised, i.e. every failure normscope's wrapper counts)",
+               str(len(TRITON_FAILURE_REASONS))),
+}
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -118,19 +136,23 @@ class Metric:
             raise ValueError(f"Expected type to be one of {METRIC_TYPES}, but got {self.type!r}")
         if self.source not in SOURCES:
             raise ValueError(f"Expected source to be one of {SOURCES}, but got {self.source!r}")
-        if self.source != "process" and not self.name.startswith("normscope_"):
+        triton = self.source == "triton"
+        if triton and not self.name.startswith("nv_"):
+            raise ValueError(f"Expected the name of a triton metric to start with 'nv_', but got {self.name!r}")
+        if self.source not in ("process", "triton") and not self.name.startswith("normscope_"):
             raise ValueError(f"Expected the name of a {self.source} metric to start with 'normscope_', "
                              f"but got {self.name!r}")
-        if (self.type == "counter") != self.name.endswith("_total"):
+        if not triton and (self.type == "counter") != self.name.endswith("_total"):  # Triton's lack _total
             raise ValueError(f"Expected a name ending in '_total' exactly for counters, but got {self.type} "
                              f"{self.name!r}")
-        if self.name.endswith(_RESERVED_SUFFIXES):
+        if not triton and self.name.endswith(_RESERVED_SUFFIXES):  # Triton's nv_inference_count is a counter
             raise ValueError(f"Expected a name without a reserved suffix {_RESERVED_SUFFIXES}, but got {self.name!r}")
         if not isinstance(self.labels, tuple) or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"Expected labels to be a tuple of distinct names, but got {self.labels!r}")
-        unknown = [lb for lb in self.labels if lb not in LABELS]
+        known = TRITON_LABELS if triton else LABELS
+        unknown = [lb for lb in self.labels if lb not in known]
         if unknown:
-            raise ValueError(f"Expected labels from {sorted(LABELS)}, but got {unknown} in {self.name!r}")
+            raise ValueError(f"Expected labels from {sorted(known)}, but got {unknown} in {self.name!r}")
         if "le" in self.labels or "quantile" in self.labels:
             raise ValueError(f"Expected no reserved label (le, quantile), but got {self.labels!r}")
         if (self.type == "histogram") != bool(self.buckets):
@@ -231,6 +253,39 @@ _SERVING = (
 
 #: Every metric normscope exports: the monitor's (``source="monitor"``), then the serving wrapper's.
 METRICS: Tuple[Metric, ...] = _monitor_metrics() + _SERVING
+
+_TV = ("model", "version")
+_TRITON_US = "microseconds, summed over successful requests"
+
+#: Triton Inference Server's per-model metrics (on its own ``/metrics``, port 8002 by default) that the recording
+#: rules in ``deploy/prometheus`` and the dashboards join with normscope's by model and version
+#: (:mod:`normscope.serving.triton`). Not exported by normscope; ``source="triton"``. Triton names its counters
+#: without ``_total`` and its durations in microseconds.
+TRITON_METRICS: Tuple[Metric, ...] = (
+    Metric("nv_inference_request_success", "counter", _TV, "requests",
+           "Successful inference requests (Triton)", "triton"),
+    Metric("nv_inference_request_failure", "counter", _TV + ("reason",), "requests",
+           "Failed inference requests, by reason (Triton); requests Triton rejects before scheduling them (an "
+           "unknown input name, a wrong shape) are counted in neither series", "triton",
+           label_values=(("reason", TRITON_FAILURE_REASONS),)),
+    Metric("nv_inference_count", "counter", _TV, "items",
+           "Inferences performed: items of the batch dimension of successful requests (Triton)", "triton"),
+    Metric("nv_inference_exec_count", "counter", _TV, "executions",
+           "Model executions (batches; several requests per execution with dynamic batching) (Triton)", "triton"),
+    Metric("nv_inference_request_duration_us", "counter", _TV, _TRITON_US,
+           "End-to-end time of requests inside Triton: queue, input, compute and output (Triton)", "triton"),
+    Metric("nv_inference_queue_duration_us", "counter", _TV, _TRITON_US,
+           "Time requests waited in the scheduling queue (Triton)", "triton"),
+    Metric("nv_inference_compute_input_duration_us", "counter", _TV, _TRITON_US,
+           "Time spent handing the inputs to the model (Triton)", "triton"),
+    Metric("nv_inference_compute_infer_duration_us", "counter", _TV, _TRITON_US,
+           "Time spent executing the model: for PyTriton, the round trip to the infer function that normscope's "
+           "wrapper times (Triton)", "triton"),
+    Metric("nv_inference_compute_output_duration_us", "counter", _TV, _TRITON_US,
+           "Time spent taking the outputs from the model (Triton)", "triton"),
+    Metric("nv_inference_pending_request_count", "gauge", _TV, "requests",
+           "Requests received and not yet executed (Triton)", "triton"),
+)
 
 _BY_NAME = {m.name: m for m in METRICS}
 if len(_BY_NAME) != len(METRICS):  # pragma: no cover - a catalogue edit that repeats a name
