@@ -241,7 +241,15 @@ def test_otel_metrics_on_the_prometheus_endpoint_next_to_the_catalogue(setup):
     assert _value(samples, "normscope_inference_requests_total", **mv) == 3
     names = {n for n, _, _ in samples}
     assert {v[2] + s for v in OTEL_METRICS.values() for s in (("",) if v[0] == "counter" else ("_count",))} <= names
-    assert not {v[2] for v in OTEL_METRICS.values()} & {m.name for m in METRICS}  # no clash with the catalogue
+    # the catalogue lists exactly these (source "otel"), with the labels the samples carry
+    otel_entries = {m.name: m for m in METRICS if m.source == "otel"}
+    assert set(otel_entries) == {v[2] for v in OTEL_METRICS.values()}
+    for v in OTEL_METRICS.values():
+        m = otel_entries[v[2]]
+        assert m.type == v[0]
+        got = [lb for n, lb, _ in samples if n in (m.name, m.name + "_count")]
+        assert got and all(set(lb) == set(m.labels) for lb in got), (m.name, got)
+        assert {lb["outcome"] for lb in got} <= set(m.values_of("outcome"))
     # uninstrumented: no more spans, and the OTel families leave the registry
     otel.uninstrument()
     otel.uninstrument()

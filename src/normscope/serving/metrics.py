@@ -37,9 +37,10 @@ __all__ = [
 METRIC_TYPES = ("counter", "gauge", "histogram")
 
 #: Who exports a metric: the training/serving monitor (``PrometheusSink``), the serving wrapper,
-#: ``prometheus_client``'s process collector, which the wrapper registers in its registry, or Triton Inference
+#: ``prometheus_client``'s process collector, which the wrapper registers in its registry, OpenTelemetry
+#: instruments of :mod:`normscope.serving.otel` written into the wrapper's registry, or Triton Inference
 #: Server itself (:data:`TRITON_METRICS`: not normscope's, listed because the rules and dashboards join them).
-SOURCES = ("monitor", "serving", "process", "triton")
+SOURCES = ("monitor", "serving", "process", "triton", "otel")
 
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_SUFFIXES = ("_bucket", "_sum", "_count", "_created")
@@ -82,6 +83,8 @@ LABELS: Dict[str, Tuple[str, str]] = {
     "layer": ("qualified module name of a normalization layer", "the number of normalization layers"),
     "stat": ("which statistic of the metric (a fixed set per metric, listed with it)", "at most 6 per metric"),
     "param": ("which affine parameter: weight (gamma) or bias (beta)", "2"),
+    "outcome": ("result of a call in the OpenTelemetry metrics (normscope.serving.otel): ok or a failure reason ("
+                + ", ".join(FAILURE_REASONS) + ")", str(len(FAILURE_REASONS) + 1)),
     "kind": ("kind of monitor finding (normscope.monitor.FINDING_KINDS)", str(len(FINDING_KINDS))),
     "severity": ("severity of a monitor finding: " + ", ".join(SEVERITIES), str(len(SEVERITIES))),
 }
@@ -244,6 +247,14 @@ _SERVING = (
     Metric("normscope_config_mismatch", "gauge", _MV, "1",
            "1 when the fingerprint of the served model's normalization config differs from the one registered with "
            "the model version (its audit), 0 when they agree; absent when no registered config was given", "serving"),
+    Metric("normscope_otel_requests_total", "counter", _MV + ("outcome",), "requests",
+           "Calls of the wrapped inference callable by outcome (ok or the failure reason), from the OpenTelemetry "
+           "instrument normscope.otel.requests (normscope.serving.otel, metrics=True)", "otel",
+           label_values=(("outcome", ("ok",) + FAILURE_REASONS),)),
+    Metric("normscope_otel_request_duration_seconds", "histogram", _MV + ("outcome",), "seconds",
+           "Wall time of one call of the wrapped inference callable by outcome, from the OpenTelemetry instrument "
+           "normscope.otel.request.duration", "otel", buckets=LATENCY_BUCKETS_SECONDS,
+           label_values=(("outcome", ("ok",) + FAILURE_REASONS),)),
     Metric("process_resident_memory_bytes", "gauge", (), "bytes",
            "Resident memory size of the serving process (prometheus_client's process collector, Linux)", "process"),
     Metric("process_cpu_seconds_total", "counter", (), "seconds",
@@ -251,7 +262,8 @@ _SERVING = (
            "process"),
 )
 
-#: Every metric normscope exports: the monitor's (``source="monitor"``), then the serving wrapper's.
+#: Every metric normscope exports: the monitor's (``source="monitor"``), then the serving wrapper's (with the
+#: OpenTelemetry instruments that ``normscope.serving.otel`` writes into its registry, ``source="otel"``).
 METRICS: Tuple[Metric, ...] = _monitor_metrics() + _SERVING
 
 _TV = ("model", "version")
