@@ -46,14 +46,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES = (
-    "Layer normalization rescales each token's features to zero mean and unit variance.",
-    "The cat sat on the mat.",
-    "How much latency does an unfused normalization add to inference?",
-    "Please reset my password; the link in the e-mail has expired.",
-    "It rained all day in Lisbon, so we stayed in and read.",
-    "Stock prices fell sharply after the announcement on Tuesday.",
-)
+sys.path.insert(0, str(ROOT / "examples" / "serving"))
+
+from loadgen import SENTENCES, percentile  # noqa: E402  (the example's load generator: standard library only)
 
 
 def free_port() -> int:
@@ -129,11 +124,6 @@ def one_request(http: str, texts) -> tuple:
     return status, time.perf_counter() - t0
 
 
-def pct(values, q):
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, int(round(q / 100 * len(v) + 0.5)) - 1))] if v else float("nan")
-
-
 def drive(http: str, batches, concurrency: int):
     """Send ``batches`` from ``concurrency`` threads; ``(latencies of 200s, lost, wall seconds)``."""
     t0 = time.perf_counter()
@@ -171,7 +161,7 @@ def load_grid(args, tmp) -> list:
                 row = {"batch": batch, "concurrency": conc, "requests": per_round * args.rounds}
                 for side in ("off", "on"):
                     ms = [x * 1000 for x in lat[side]]
-                    row[side] = {"p50": pct(ms, 50), "p95": pct(ms, 95), "p99": pct(ms, 99),
+                    row[side] = {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
                                  "rps": len(lat[side]) / wall[side] if wall[side] else float("nan"),
                                  "lost": lost[side]}
                 row["p95_overhead"] = row["on"]["p95"] / row["off"]["p95"] - 1

@@ -48,6 +48,22 @@ def fast_rules(text: str) -> str:
     return re.sub(r"\[\d+[mh]\]", "[1m]", text)
 
 
+def start_prometheus(prom_bin: str, tmp: str, jobs: dict, log) -> tuple:
+    """A real Prometheus in ``tmp`` scraping ``{job name: port}`` on 127.0.0.1 every second and evaluating the
+    shipped rules rewritten by :func:`fast_rules` every second; ``(process, API base URL)``."""
+    Path(tmp, "rules.yml").write_text(fast_rules((ROOT / "deploy" / "prometheus" / "normscope_rules.yml").read_text()))
+    scrape = "".join(f"  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+                     for job, port in jobs.items())
+    Path(tmp, "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - rules.yml\n"
+        "scrape_configs:\n" + scrape)
+    port = free_port()
+    proc = subprocess.Popen(
+        [prom_bin, f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def _query(base: str, q: str):
     url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": q})
     with urllib.request.urlopen(url, timeout=5) as r:
@@ -118,18 +134,7 @@ def test_service_metrics_and_alerts_in_a_real_prometheus():
             pytest.fail(f"the example server did not start: {server_err.read()[-2000:]}")
         url = f"http://127.0.0.1:{port}"
 
-        rules = fast_rules((ROOT / "deploy" / "prometheus" / "normscope_rules.yml").read_text())
-        Path(tmp, "rules.yml").write_text(rules)
-        Path(tmp, "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "rule_files:\n  - rules.yml\n"
-            "scrape_configs:\n  - job_name: normscope-serving\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{port}']\n")
-        prom_port = free_port()
-        prom = subprocess.Popen(
-            [prom_bin, f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=subprocess.STDOUT, cwd=tmp)
-        papi = f"http://127.0.0.1:{prom_port}"
+        prom, papi = start_prometheus(prom_bin, tmp, {"normscope-serving": port}, prom_log)
 
         requests = loadgen.make_requests(N_REQUESTS, texts_per_request=4, bad=0.2, drift=0.4, seed=0)
         results = loadgen.run(url, requests, concurrency=4)

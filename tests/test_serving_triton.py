@@ -40,7 +40,7 @@ from normscope.serving.triton import (
     infer_texts,
     prepare_backend_environment,
 )
-from test_serving_integration import _alerts, _prometheus_binary, _query, _stop, fast_rules
+from test_serving_integration import _alerts, _prometheus_binary, _query, _stop, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
@@ -247,20 +247,8 @@ def test_triton_service_metrics_join_tritons_in_a_real_prometheus():
         assert ready["metrics"] == f"http://127.0.0.1:{ports['metrics']}/metrics"
         http = ready["http"]
 
-        Path(tmp, "rules.yml").write_text(fast_rules((ROOT / "deploy" / "prometheus" / "normscope_rules.yml")
-                                                     .read_text()))
-        Path(tmp, "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "rule_files:\n  - rules.yml\n"
-            "scrape_configs:\n"
-            f"  - job_name: triton\n    static_configs:\n      - targets: ['127.0.0.1:{ports['triton_metrics']}']\n"
-            "  - job_name: normscope-serving\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{ports['metrics']}']\n")
-        prom_port = free_port()
-        prom = subprocess.Popen(
-            [prom_bin, f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=subprocess.STDOUT, cwd=tmp)
-        papi = f"http://127.0.0.1:{prom_port}"
+        prom, papi = start_prometheus(prom_bin, tmp, {"triton": ports["triton_metrics"],
+                                                      "normscope-serving": ports["metrics"]}, prom_log)
 
         rng = random.Random(0)
         kinds = ["bad"] * 60 + ["drift"] * 120 + ["good"] * 120
