@@ -210,7 +210,77 @@ def test_the_checks_catch_a_metric_outside_the_catalogue():
         ["normscope_request_latency_seconds_bucket"]
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in K8S.glob("*.yaml")))
+# --- Triton Inference Server (deploy/kubernetes/triton) -------------------------------------------------------------
+
+TRITON = K8S / "triton"
+
+
+def _triton_manifests() -> dict:
+    out = {}
+    for path in sorted(TRITON.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), path.name
+            assert doc["kind"] not in out, f"two {doc['kind']} manifests"
+            out[doc["kind"]] = dict(doc, _file=path.name)
+    return out
+
+
+def test_triton_manifests_parse_and_the_kustomization_lists_them():
+    m = _triton_manifests()
+    assert set(m) == {"Deployment", "Service", "ServiceMonitor"}
+    kust = yaml.safe_load((TRITON / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == sorted(d["_file"] for d in m.values())
+    # the shared rules are named in its comment, to be applied once for both services
+    assert "prometheusrule.yaml" in (TRITON / "kustomization.yaml").read_text()
+    assert (K8S / "prometheusrule.yaml").is_file()
+
+
+def test_triton_deployment_runs_the_module_with_its_ports_and_tritons_health_endpoints():
+    from normscope.serving.triton import _parser
+
+    m = _triton_manifests()
+    dep = m["Deployment"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    c = _container(m)
+    assert c["command"] == ["python", "-m", "normscope.serving.triton"]
+    a = _parser().parse_args(c["args"])  # every option exists (argparse exits on an unknown one)
+    assert a.host == "0.0.0.0" and int(a.model_version) >= 1
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": a.http_port, "grpc": a.grpc_port, "triton-metrics": a.triton_metrics_port,
+                     "metrics": a.metrics_port}
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):  # KServe v2 (tests/test_serving_triton.py)
+        assert c[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    mounts = {v["mountPath"] for v in c["volumeMounts"]}
+    assert {"/tmp", "/dev/shm"} <= mounts and c["securityContext"]["readOnlyRootFilesystem"] is True
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["HOME"].startswith("/tmp") and env["TMPDIR"].startswith("/tmp")
+    dockerfile = (TRITON / "Dockerfile").read_text()
+    assert re.search(r"^EXPOSE " + " ".join(str(p) for p in sorted(ports.values())) + "$", dockerfile, re.M)
+    assert "triton-server" in dockerfile
+
+
+def test_triton_service_and_servicemonitor_scrape_both_endpoints_as_the_jobs_the_rules_expect():
+    m = _triton_manifests()
+    pod_labels = m["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    svc = m["Service"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    container_ports = {p["name"] for p in _container(m)["ports"]}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == container_ports
+    mon = m["ServiceMonitor"]
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    jobs = {}
+    for e in mon["spec"]["endpoints"]:
+        assert e["port"] in {p["name"] for p in svc["spec"]["ports"]} and e["path"] == "/metrics"
+        (relabel,) = e["relabelings"]
+        assert relabel["targetLabel"] == "job"
+        jobs[e["port"]] = relabel["replacement"]
+    assert jobs == {"triton-metrics": "triton", "metrics": _serving_job()}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(K8S)) for p in [*K8S.glob("*.yaml"), *TRITON.glob("*.yaml")]))
 def test_yaml_files_have_no_tabs_and_end_with_a_newline(path):
     text = (K8S / path).read_text()
     assert "\t" not in text and text.endswith("\n")

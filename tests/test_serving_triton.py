@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -246,6 +247,9 @@ def test_triton_service_metrics_join_tritons_in_a_real_prometheus():
         assert ready["model"] == "minilm" and ready["model_version"] == "1"
         assert ready["metrics"] == f"http://127.0.0.1:{ports['metrics']}/metrics"
         http = ready["http"]
+        for path in ("/v2/health/ready", "/v2/health/live"):  # the Kubernetes probes (deploy/kubernetes/triton)
+            with urllib.request.urlopen(http + path, timeout=10) as r:
+                assert r.status == 200, path
 
         prom, papi = start_prometheus(prom_bin, tmp, {"triton": ports["triton_metrics"],
                                                       "normscope-serving": ports["metrics"]}, prom_log)

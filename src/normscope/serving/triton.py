@@ -472,12 +472,8 @@ def _builtin_baseline(module, tokenizer, model_version: str, max_length: int):
 
 # -- command line -------------------------------------------------------------------------------------------------
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m normscope.serving.triton``: serve all-MiniLM-L6-v2 on Triton with normscope's telemetry.
-
-    Prints one JSON line ``{"event": "ready", ...}`` with the endpoints when the model is ready, serves until
-    SIGINT or SIGTERM, then stops Triton (in-flight requests finish) and prints ``{"event": "stopped"}``.
-    """
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m normscope.serving.triton`` (also read by the deployment checks)."""
     p = argparse.ArgumentParser(prog="python -m normscope.serving.triton",
                                 description="Serve all-MiniLM-L6-v2 on Triton Inference Server with normscope's "
                                 "telemetry (normscope's /metrics next to Triton's).")
@@ -500,7 +496,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dynamic-batching", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--log-verbose", type=int, default=0)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m normscope.serving.triton``: serve all-MiniLM-L6-v2 on Triton with normscope's telemetry.
+
+    Prints one JSON line ``{"event": "ready", ...}`` with the endpoints when the model is ready, serves until
+    SIGINT or SIGTERM, then stops Triton (in-flight requests finish) and prints ``{"event": "stopped"}``.
+    """
+    a = _parser().parse_args(argv)
     torch = _torch()
     if a.threads:
         torch.set_num_threads(a.threads)
