@@ -4,7 +4,8 @@ backend's library path), then, marked ``triton_server``, the real thing: ``pytho
 
 The end-to-end test sends 300 requests from 4 threads (4 texts each; 20% with an empty text, which the wrapper
 rejects as ``bad_input``, 40% random character strings, which drift MiniLM's embeddings) plus 10 requests with
-an unknown input name (Triton rejects those before the model: neither side counts them). It then reads back from
+an unknown input name (Triton rejects those before the model: neither side counts them), and 4 over gRPC with
+Triton's own client (one with an empty text). It then reads back from
 Prometheus normscope's and Triton's counters, which must equal what was sent, the recording rules that join the
 two by model and version, and the drift and error-budget alerts, which must fire (rules rewritten as in
 test_serving_integration.py so that they fire within seconds).
@@ -217,6 +218,29 @@ def _texts(rng: random.Random, kind: str):
     return texts
 
 
+_GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+client = grpcclient.InferenceServerClient(sys.argv[1])
+shapes = []
+for i in range(3):
+    inp = grpcclient.InferInput("text", [2, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"layer norm over gRPC"], [str(i).encode() + b" rms norm"]], dtype=object))
+    shapes.append(list(client.infer("minilm", [inp]).as_numpy("embedding").shape))
+bad = "answered"
+try:
+    inp = grpcclient.InferInput("text", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b""]], dtype=object))
+    client.infer("minilm", [inp])
+except InferenceServerException:
+    bad = "failed"
+print(json.dumps({"shapes": shapes, "bad": bad}))
+"""
+
+
 @pytest.mark.triton_server
 def test_triton_service_metrics_join_tritons_in_a_real_prometheus():
     python = _venv_python()
@@ -267,7 +291,13 @@ def test_triton_service_metrics_join_tritons_in_a_real_prometheus():
         assert all(st == 500 and "non-empty string" in body["error"] for k, (st, body) in results if k == "bad")
         assert all(st == 400 and "unexpected inference input 'texts'" in body["error"] for st, body in wrong_name)
 
-        n_bad, n_ok = kinds.count("bad"), len(kinds) - kinds.count("bad")
+        # the gRPC endpoint, with Triton's own client (installed with PyTriton): 3 good requests, 1 bad
+        grpc = subprocess.run([python, "-c", _GRPC_CLIENT, ready["grpc"]], capture_output=True, text=True, timeout=120)
+        assert grpc.returncode == 0, grpc.stderr[-2000:]
+        assert json.loads(grpc.stdout.strip().splitlines()[-1]) == {"shapes": [[2, 384]] * 3, "bad": "failed"}
+
+        n_bad, n_ok = kinds.count("bad") + 1, len(kinds) - kinds.count("bad") + 3
+        items = 4 * (len(kinds) - kinds.count("bad")) + 2 * 3
         want = {
             'sum(normscope_inference_requests_total{model="minilm",model_version="1"})': n_bad + n_ok,
             'sum(normscope_inference_failures_total{reason="bad_input"})': n_bad,
@@ -275,7 +305,7 @@ def test_triton_service_metrics_join_tritons_in_a_real_prometheus():
             'sum(nv_inference_request_success{model="minilm",version="1"})': n_ok,
             'sum(nv_inference_request_failure{model="minilm",version="1",reason="BACKEND"})': n_bad,
             'sum(nv_inference_request_failure{model="minilm",version="1",reason!="BACKEND"})': 0,
-            'sum(nv_inference_count{model="minilm",version="1"})': 4 * n_ok,
+            'sum(nv_inference_count{model="minilm",version="1"})': items,
         }
         want_firing = {"NormscopePredictionDrift", "NormscopeErrorBudgetFastBurn"}
         values, firing, join = {}, set(), {}
