@@ -982,6 +982,9 @@ static inline A small_sum(int64_t n, F&& f) {
     if (j < n)
       for (int l = 0; l < P; ++l) acc[l] += f(j + l < n ? j + l : n - 1, j + l < n ? kAll : (W)0);
   }
+  // Fully unrolled (else GCC keeps the level loop and moves the partial sums through the stack, where a
+  // wide store does not forward to a narrower load: a stall per row).
+#pragma GCC unroll 8
   for (int w = P / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
@@ -1016,6 +1019,7 @@ static inline void small_sum2(int64_t n, A* s1, A* s2, F&& f) {
     if (j < n)
       for (int l = 0; l < P; ++l) add(l, j + l < n ? j + l : n - 1, j + l < n ? kAll : (W)0, false);
   }
+#pragma GCC unroll 8
   for (int w = P / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) {
       a1[l] += a1[l + w];
@@ -1110,6 +1114,7 @@ static int fwd_small(const FwdArgs<A>& a) {
 template <class T, class A, int P>
 static int bwd_small(const BwdArgs<A>& a) {
   using W = mword_t<A>;
+  constexpr W kAllW = ~(W)0;
   const int64_t N = a.N, M = a.M, R = a.R;
   const int64_t K = (M + R - 1) / R;
   const T* X = (const T*)a.x;
@@ -1127,6 +1132,8 @@ static int bwd_small(const BwdArgs<A>& a) {
     for (int64_t kc = 0; kc < K; ++kc) {
       if (DW) memset(chw.p, 0, sizeof(double) * N), memset(blw.p, 0, sizeof(A) * N);
       if (DB) memset(chb.p, 0, sizeof(double) * N), memset(blb.p, 0, sizeof(A) * N);
+      A rw[P], rb[P];  // the block's dw / db sums when N <= P < kLanes (see below)
+      for (int j = 0; j < P; ++j) rw[j] = rb[j] = (A)0;
       const int64_t i1 = (kc + 1) * R < M ? (kc + 1) * R : M;
       for (int64_t i0 = kc * R; i0 < i1; i0 += G) {
         const int cnt = (int)(i1 - i0 < G ? i1 - i0 : G);
@@ -1169,14 +1176,48 @@ static int bwd_small(const BwdArgs<A>& a) {
           const A s = sh[g], dg = d[g], rg = rstd[g], cg1 = c1[g], cg2 = c2[g];
           A* pw = blw.p;
           A* pb = blb.p;
-          small_for<A, P>(N, [&](int64_t j) {
-            const A xh = ((ld<A>(x, j) - s) - dg) * rg;
-            const A g0 = ld<A>(dy, j);
-            if (DW) pw[j] += g0 * xh;
-            if (DB) pb[j] += g0;
-            st(dx, j, rg * (g0 * w[j] - cg1 - xh * cg2) + (A)0);
-          });
+          if constexpr (P < kLanes<A>) {
+            // N <= P: all P lanes, the block sums in registers (rw, rb) rather than in the scratch rows (a
+            // masked store there does not forward to the next row's masked load: a stall per row). Lanes
+            // j >= N re-read the row's last element and add g0 = +0 (their products +0 or -0), so they
+            // stay +0 and are never read; lanes j < N compute exactly the terms of small_for.
+            if (N == P) {  // (the clamped indices below would make gathers)
+#pragma omp simd
+              for (int j = 0; j < P; ++j) {
+                const A xh = ((ld<A>(x, j) - s) - dg) * rg;
+                const A g0 = ld<A>(dy, j);
+                if (DW) rw[j] += g0 * xh;
+                if (DB) rb[j] += g0;
+                st(dx, j, rg * (g0 * w[j] - cg1 - xh * cg2) + (A)0);
+              }
+            } else {
+#pragma omp simd
+              for (int j = 0; j < P; ++j) {
+                const int64_t jj = j < N ? j : N - 1;
+                const A xh = ((ld<A>(x, jj) - s) - dg) * rg;
+                const A g0 = keep(ld<A>(dy, jj), j < N ? kAllW : (W)0);
+                if (DW) rw[j] += g0 * xh;
+                if (DB) rb[j] += g0;
+                if (j < N) st(dx, j, rg * (g0 * w[jj] - cg1 - xh * cg2) + (A)0);
+              }
+            }
+          } else {
+            small_for<A, P>(N, [&](int64_t j) {
+              const A xh = ((ld<A>(x, j) - s) - dg) * rg;
+              const A g0 = ld<A>(dy, j);
+              if (DW) pw[j] += g0 * xh;
+              if (DB) pb[j] += g0;
+              st(dx, j, rg * (g0 * w[j] - cg1 - xh * cg2) + (A)0);
+            });
+          }
           if ((DW || DB) && ((i - kc * R + 1) % kDwBlock == 0 || i + 1 == i1)) {
+            if constexpr (P < kLanes<A>) {  // hand the register sums to the flush below
+              for (int64_t j = 0; j < N; ++j) {
+                if (DW) pw[j] = rw[j];
+                if (DB) pb[j] = rb[j];
+              }
+              for (int j = 0; j < P; ++j) rw[j] = rb[j] = (A)0;
+            }
             for (int pass = 0; pass < 2; ++pass) {
               if ((pass == 0 && !DW) || (pass == 1 && !DB)) continue;
               double* o = pass == 0 ? chw.p : chb.p;
