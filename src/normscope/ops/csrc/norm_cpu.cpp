@@ -1059,6 +1059,39 @@ static int fwd_small(const FwdArgs<A>& a) {
   const A eps = a.eps;
   const A dn = (A)N;
   const int64_t groups = (a.M + G - 1) / G;
+  if constexpr (P == 1) {
+    // Rows of one element: a group's rows are consecutive elements, so each step below runs as one vector
+    // operation across the group's rows (the same operations per row as the general case).
+#pragma omp parallel for num_threads(a.nt) if (a.nt > 1) schedule(static)
+    for (int64_t q = 0; q < groups; ++q) {
+      const int64_t i0 = q * G;
+      const int cnt = (int)(a.M - i0 < G ? a.M - i0 : G);
+      const T* x = X + i0;
+      T* y = Y + i0;
+      const A w0 = w[0], b0 = b[0];
+      A mean[G], rstd[G];
+#pragma omp simd
+      for (int g = 0; g < cnt; ++g) {
+        const A v = ld<A>(x, g);
+        A kg = 0, dg = 0, rg;
+        if constexpr (RMS) {
+          rg = (A)1 / sqrt_(((A)0 + v * v) / dn + eps);
+        } else {
+          kg = v;
+          dg = ((A)0 + (v - kg)) / dn;
+          const A c = (v - kg) - dg;
+          rg = (A)1 / sqrt_(((A)0 + c * c) / dn + eps);
+        }
+        st(y, g, (((v - kg) - dg) * rg) * w0 + b0);
+        mean[g] = kg + dg;
+        rstd[g] = rg;
+      }
+      if (a.mean)
+        for (int g = 0; g < cnt; ++g) a.mean[i0 + g] = mean[g];
+      for (int g = 0; g < cnt; ++g) a.rstd[i0 + g] = rstd[g];
+    }
+    return 0;
+  }
 #pragma omp parallel for num_threads(a.nt) if (a.nt > 1) schedule(static)
   for (int64_t q = 0; q < groups; ++q) {
     const int64_t i0 = q * G;
