@@ -1034,9 +1034,14 @@ static inline void small_sum2(int64_t n, A* s1, A* s2, F&& f) {
 template <class A, int P, class F>
 static inline void small_for(int64_t n, F&& body) {
   if constexpr (P < kLanes<A>) {
+    if (n == P) {  // a full row: no mask (GCC does not vectorize the masked form of a bfloat16 store)
 #pragma omp simd
-    for (int j = 0; j < P; ++j)
-      if (j < n) body(j);
+      for (int j = 0; j < P; ++j) body(j);
+    } else {
+#pragma omp simd
+      for (int j = 0; j < P; ++j)
+        if (j < n) body(j);
+    }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) body(j);
