@@ -200,3 +200,29 @@ def test_export_cache_reuses_the_graph_of_an_identical_model_only(tmp_path):
     fourth = normscope.export_onnx(model, torch.randn(5, 8), tmp_path / "d.onnx", cache_dir=cache)
     assert not third.cached and not fourth.cached and third.ok and fourth.ok
     assert len(list(cache.glob("*.onnx"))) == 3
+
+
+def test_output_comparison_shared_by_the_onnx_and_tflite_exports():
+    import numpy as np
+
+    from normscope.analysis.onnx_export import compare_outputs
+
+    ref = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 2.0])
+    same = np.array([np.nan, np.inf, -np.inf, 1.0 + 1e-7, 2.0], dtype=np.float32)
+    max_abs, max_rel, within, bad = compare_outputs([same], [ref], "ONNX")
+    assert within and bad == [] and 0 < max_abs < 1e-6  # NaN and +-Inf in the same places count as equal
+    flipped = same.copy()
+    flipped[1] = -np.inf  # an Inf of the other sign
+    assert compare_outputs([flipped], [ref], "ONNX")[3] == ["output 0 has non-finite values in other places than "
+                                                            "PyTorch's"]
+    moved = same.copy()
+    moved[0], moved[3] = 1.0, np.nan
+    assert not compare_outputs([moved], [ref], "ONNX")[2]
+    far = np.array([np.nan, np.inf, -np.inf, 1.5, 2.0], dtype=np.float32)
+    (msg,) = compare_outputs([far], [ref], "TFLite")[3]
+    assert msg.startswith("output 0 (torch.float32): max abs diff 0.5 >")
+    assert compare_outputs([np.zeros(3)], [torch.zeros(4)], "TFLite")[3] == [
+        "output 0 has shape [3] in TFLite but [4] in PyTorch"]
+    ids = torch.tensor([3, 1, 2])
+    assert compare_outputs([np.array([3, 1, 2], dtype=np.int32)], [ids], "TFLite")[2]  # int32 on the device
+    assert compare_outputs([np.array([3, 1, 0])], [ids], "ONNX")[3] == ["output 0 (torch.int64) differs"]

@@ -612,8 +612,53 @@ def _cache_store(path: str, cached_file: Path) -> None:
         pass  # a cache that cannot be written costs time, never correctness
 
 
-def _verify(path: str, args: tuple, kwargs: dict, reference: List[Tensor]):
+def compare_outputs(outputs: Sequence[Any], reference: List[Tensor], engine: str):
+    """Compare an exported model's outputs (arrays, in order) with PyTorch's, output by output.
+
+    Integer outputs must be equal; floating outputs must have NaN and +-Inf in the same places and a max abs
+    difference within ``_TOLERANCES`` of the reference's dtype (atol + rtol * max |reference|), computed in
+    float64. Returns ``(max_abs, max_rel, within, problems)``; ``problems`` name each output that fails, with
+    ``engine`` ("ONNX", "TFLite") in the shape message.
+    """
     import numpy as np
+
+    max_abs, max_rel, within, bad = 0.0, 0.0, True, []
+    for i, (got, ref) in enumerate(zip(outputs, reference)):
+        r = ref.detach().cpu()
+        g = torch.from_numpy(np.asarray(got))
+        if g.shape != r.shape:
+            within = False
+            bad.append(f"output {i} has shape {list(g.shape)} in {engine} but {list(r.shape)} in PyTorch")
+            continue
+        if not r.dtype.is_floating_point:
+            if not torch.equal(g.to(r.dtype), r):
+                within = False
+                bad.append(f"output {i} ({r.dtype}) differs")
+            continue
+        if r.numel() == 0:
+            continue
+        r, g = r.double(), g.double()
+        finite = torch.isfinite(r)
+        inf = torch.isinf(r)
+        if not (bool((torch.isfinite(g) == finite).all()) and bool((torch.isnan(g) == torch.isnan(r)).all())
+                and bool((g[inf] == r[inf]).all())):
+            within = False
+            bad.append(f"output {i} has non-finite values in other places than PyTorch's")
+        diff = (g - r).abs()[finite]
+        if diff.numel() == 0:
+            continue
+        a = float(diff.max())
+        scale = float(r[finite].abs().max())
+        rel = a / scale if scale > 0 else (0.0 if a == 0 else math.inf)
+        atol, rtol = _TOLERANCES.get(ref.dtype, _TOLERANCES[torch.float32])
+        if not a <= atol + rtol * scale:
+            within = False
+            bad.append(f"output {i} ({ref.dtype}): max abs diff {a:.3g} > {atol:g} + {rtol:g} * {scale:.3g}")
+        max_abs, max_rel = max(max_abs, a), max(max_rel, rel)
+    return max_abs, max_rel, within, bad
+
+
+def _verify(path: str, args: tuple, kwargs: dict, reference: List[Tensor]):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -635,36 +680,6 @@ def _verify(path: str, args: tuple, kwargs: dict, reference: List[Tensor]):
             f"cannot verify: the ONNX graph has {len(outputs)} output(s) but the model returned "
             f"{len(reference)} tensor(s)"
         )
-    max_abs, max_rel, within, bad = 0.0, 0.0, True, []
-    for i, (got, ref) in enumerate(zip(outputs, reference)):
-        if not ref.dtype.is_floating_point:
-            if not np.array_equal(np.asarray(got), ref.detach().cpu().numpy()):
-                within = False
-                bad.append(f"output {i} ({ref.dtype}) differs")
-            continue
-        r = ref.detach().cpu().double()
-        g = torch.from_numpy(np.asarray(got).astype(np.float64))
-        if g.shape != r.shape:
-            within = False
-            bad.append(f"output {i} has shape {list(g.shape)} in ONNX but {list(r.shape)} in PyTorch")
-            continue
-        if r.numel() == 0:
-            continue
-        diff = (g - r).abs()
-        finite = torch.isfinite(r)
-        if not bool((torch.isfinite(g) == finite).all()) or not bool((g[~finite] == r[~finite]).all()):
-            within = False
-            bad.append(f"output {i} has non-finite values in other places than PyTorch's")
-        diff = diff[finite]
-        if diff.numel() == 0:
-            continue
-        a = float(diff.max())
-        scale = float(r[finite].abs().max())
-        rel = a / scale if scale > 0 else (0.0 if a == 0 else math.inf)
-        atol, rtol = _TOLERANCES.get(ref.dtype, _TOLERANCES[torch.float32])
-        if a > atol + rtol * scale:
-            within = False
-            bad.append(f"output {i} ({ref.dtype}): max abs diff {a:.3g} > {atol:g} + {rtol:g} * {scale:.3g}")
-        max_abs, max_rel = max(max_abs, a), max(max_rel, rel)
+    max_abs, max_rel, within, bad = compare_outputs(outputs, reference, "ONNX")
     note = ("onnxruntime and PyTorch disagree: " + "; ".join(bad)) if bad else ""
     return max_abs, max_rel, within, note

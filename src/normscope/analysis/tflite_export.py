@@ -15,7 +15,6 @@ the ``RSQRT`` ops (one per norm) next to the number of norm layers.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import time
@@ -27,13 +26,13 @@ import torch
 from torch import Tensor
 
 from normscope.analysis.onnx_export import (
-    _TOLERANCES,
     _check_path,
     _eval_mode,
     _ExportFile,
     _flat_tensors,
     _split_inputs,
     _without_cache,
+    compare_outputs,
     onnx_decompositions,
     run_counting_norms,
 )
@@ -186,7 +185,6 @@ def _index(name: str) -> Tuple[int, str]:
 
 
 def _verify(interpreter, args: tuple, kwargs: dict, reference: List[Tensor]):
-    import numpy as np
 
     runner = interpreter.get_signature_runner()
     names = list(runner.get_input_details())
@@ -211,36 +209,6 @@ def _verify(interpreter, args: tuple, kwargs: dict, reference: List[Tensor]):
             f"cannot verify: the TFLite graph has {len(outputs)} output(s) but the model returned "
             f"{len(reference)} tensor(s)"
         )
-    max_abs, max_rel, within, bad = 0.0, 0.0, True, []
-    for i, (got, ref) in enumerate(zip(outputs, reference)):
-        r = ref.detach().cpu()
-        g = torch.from_numpy(np.asarray(got))
-        if g.shape != r.shape:
-            within = False
-            bad.append(f"output {i} has shape {list(g.shape)} in TFLite but {list(r.shape)} in PyTorch")
-            continue
-        if not r.dtype.is_floating_point:
-            if not torch.equal(g.to(r.dtype), r):
-                within = False
-                bad.append(f"output {i} ({r.dtype}) differs")
-            continue
-        if r.numel() == 0:
-            continue
-        r, g = r.double(), g.double()
-        finite = torch.isfinite(r)
-        if not bool((torch.isfinite(g) == finite).all()):
-            within = False
-            bad.append(f"output {i} has non-finite values in other places than PyTorch's")
-        diff = (g - r).abs()[finite]
-        if diff.numel() == 0:
-            continue
-        a = float(diff.max())
-        scale = float(r[finite].abs().max())
-        rel = a / scale if scale > 0 else (0.0 if a == 0 else math.inf)
-        atol, rtol = _TOLERANCES.get(ref.dtype, _TOLERANCES[torch.float32])
-        if not a <= atol + rtol * scale:
-            within = False
-            bad.append(f"output {i} ({ref.dtype}): max abs diff {a:.3g} > {atol:g} + {rtol:g} * {scale:.3g}")
-        max_abs, max_rel = max(max_abs, a), max(max_rel, rel)
+    max_abs, max_rel, within, bad = compare_outputs(outputs, reference, "TFLite")
     note = ("the LiteRT interpreter and PyTorch disagree: " + "; ".join(bad)) if bad else ""
     return max_abs, max_rel, within, note

@@ -62,35 +62,30 @@ def _fmt(x) -> str:
     return "n/a (not verified)" if x is None else f"{x:.3g}"
 
 
-def summary(report, description: str = "") -> str:
-    lines = []
-    if description:
-        lines.append(f"model:       {description}")
-    lines.append(f"wrote:       {report.path}")
-    lines.append(f"exporter:    {report.exporter}, opset {report.opset}")
-    nodes = ", ".join(f"{k} x{v}" for k, v in report.norm_nodes.items()) or "none"
-    lines.append(f"norm nodes:  {nodes} (total {report.total_norm_nodes}, expected {report.expected_norms})")
+def _summary(report, description: str, head: list) -> str:
+    """The summary lines: the model, ``head`` (what the format has to say), the differences, warnings, verdict."""
+    lines = [f"model:       {description}"] if description else []
+    lines += head
     lines.append(f"max abs diff: {_fmt(report.max_abs_diff)}")
     lines.append(f"max rel diff: {_fmt(report.max_rel_diff)}")
-    for w in report.warnings:
-        lines.append(f"warning:     {w}")
+    lines += [f"warning:     {w}" for w in report.warnings]
     lines.append("OK" if report.ok else "NOT OK")
     return "\n".join(lines) + "\n"
+
+
+def summary(report, description: str = "") -> str:
+    nodes = ", ".join(f"{k} x{v}" for k, v in report.norm_nodes.items()) or "none"
+    return _summary(report, description, [
+        f"wrote:       {report.path}",
+        f"exporter:    {report.exporter}, opset {report.opset}",
+        f"norm nodes:  {nodes} (total {report.total_norm_nodes}, expected {report.expected_norms})"])
 
 
 def tflite_summary(report, description: str = "") -> str:
-    lines = []
-    if description:
-        lines.append(f"model:       {description}")
-    lines.append(f"wrote:       {report.path} ({report.size_bytes / 1e6:.3g} MB, converted in {report.seconds:.3g} s)")
-    lines.append("exporter:    litert-torch (TFLite)")
-    lines.append(f"norm ops:    RSQRT x{report.norm_ops} (expected {report.expected_norms})")
-    lines.append(f"max abs diff: {_fmt(report.max_abs_diff)}")
-    lines.append(f"max rel diff: {_fmt(report.max_rel_diff)}")
-    for w in report.warnings:
-        lines.append(f"warning:     {w}")
-    lines.append("OK" if report.ok else "NOT OK")
-    return "\n".join(lines) + "\n"
+    return _summary(report, description, [
+        f"wrote:       {report.path} ({report.size_bytes / 1e6:.3g} MB, converted in {report.seconds:.3g} s)",
+        "exporter:    litert-torch (TFLite)",
+        f"norm ops:    RSQRT x{report.norm_ops} (expected {report.expected_norms})"])
 
 
 def _missing_edge() -> list:
