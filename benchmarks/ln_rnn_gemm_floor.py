@@ -39,8 +39,8 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     for cell, G in (("LSTM", 4), ("GRU", 3)):
         for shape in a.shapes:
-            T, B, I, H = (int(v) for v in shape.split(","))
-            x, wih, whh = torch.randn(T * B, I), torch.randn(G * H, I), torch.randn(G * H, H)
+            T, B, n_in, H = (int(v) for v in shape.split(","))
+            x, wih, whh = torch.randn(T * B, n_in), torch.randn(G * H, n_in), torch.randn(G * H, H)
             h, hs, dg = torch.randn(B, H), torch.randn(T * B, H), torch.randn(T * B, G * H)
             steps = dg.view(T, B, G * H)
 
