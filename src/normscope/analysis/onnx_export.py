@@ -675,11 +675,18 @@ def _verify(path: str, args: tuple, kwargs: dict, reference: List[Tensor]):
             f"cannot verify: the ONNX graph has {len(names)} input(s) but example_inputs hold {len(inputs)} tensor(s)"
         )
     outputs = session.run(None, {n: _to_numpy(t) for n, t in zip(names, inputs)})
+    return verdict(outputs, reference, "ONNX", "onnxruntime")
+
+
+def verdict(outputs: Sequence[Any], reference: List[Tensor], engine: str, runtime: str):
+    """``(max_abs, max_rel, within, note)`` of an exported model's outputs against PyTorch's: a note that the
+    output counts differ (nothing compared), else :func:`compare_outputs` with its problems joined into one note
+    naming ``runtime`` ("onnxruntime", "the LiteRT interpreter")."""
     if len(outputs) != len(reference):
         return None, None, False, (
-            f"cannot verify: the ONNX graph has {len(outputs)} output(s) but the model returned "
+            f"cannot verify: the {engine} graph has {len(outputs)} output(s) but the model returned "
             f"{len(reference)} tensor(s)"
         )
-    max_abs, max_rel, within, bad = compare_outputs(outputs, reference, "ONNX")
-    note = ("onnxruntime and PyTorch disagree: " + "; ".join(bad)) if bad else ""
+    max_abs, max_rel, within, bad = compare_outputs(outputs, reference, engine)
+    note = (f"{runtime} and PyTorch disagree: " + "; ".join(bad)) if bad else ""
     return max_abs, max_rel, within, note

@@ -32,9 +32,9 @@ from normscope.analysis.onnx_export import (
     _flat_tensors,
     _split_inputs,
     _without_cache,
-    compare_outputs,
     onnx_decompositions,
     run_counting_norms,
+    verdict,
 )
 from normscope.discovery import find_norm_layers
 
@@ -204,11 +204,4 @@ def _verify(interpreter, args: tuple, kwargs: dict, reference: List[Tensor]):
     feed = {n: v.astype(details[n]["dtype"], copy=False) for n, v in feed.items()}  # int64 ids -> int32
     result = runner(**feed)
     outputs = [result[k] for k in sorted(result, key=_index)]
-    if len(outputs) != len(reference):
-        return None, None, False, (
-            f"cannot verify: the TFLite graph has {len(outputs)} output(s) but the model returned "
-            f"{len(reference)} tensor(s)"
-        )
-    max_abs, max_rel, within, bad = compare_outputs(outputs, reference, "TFLite")
-    note = ("the LiteRT interpreter and PyTorch disagree: " + "; ".join(bad)) if bad else ""
-    return max_abs, max_rel, within, note
+    return verdict(outputs, reference, "TFLite", "the LiteRT interpreter")
