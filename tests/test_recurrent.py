@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import normscope
 from normscope.errors import ShapeError
-from normscope.recurrent import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell
+from normscope.recurrent import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell, RecurrentNorm
 
 EPS = 1e-5
 
@@ -406,3 +406,35 @@ def test_unavailable_fused_kernels_warn_once_and_keep_the_values(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m(x)  # once per process
+
+
+def test_fused_input_gates_match_the_input_norm_and_bias():
+    from normscope.ops import rnn_cpu
+
+    torch.manual_seed(15)
+    pre = torch.randn(7, 4, 6, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.randn(4, 6, dtype=torch.float64) * 0.5 + 1).requires_grad_()
+    bias = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    norm = RecurrentNorm(6, 4, "input").double()
+    with torch.no_grad():
+        norm.weight.copy_(gamma)
+    torch.testing.assert_close(rnn_cpu.input_gates(pre, gamma, bias, 1e-5), norm(pre) + bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rnn_cpu.input_gates(pre, gamma, None, 1e-5), norm(pre), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda p, g, b: rnn_cpu.input_gates(p, g, b, 1e-5), (pre, gamma, bias))
+    assert torch.autograd.gradcheck(lambda p, g: rnn_cpu.input_gates(p, g, None, 1e-5), (pre, gamma))
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_input_norm_runs_fused_unless_observed(cls):
+    torch.manual_seed(16)
+    m = _randomize(cls(3, 5), seed=8)
+    x = torch.randn(6, 2, 3)
+    seen = []
+    want = m(x)[0]  # no hook: the fused pass, the input-norm module is not called
+    handle = m.ln_ih_l0.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    got = m(x)[0]  # a hook on the input norm: the module runs (once, over all steps), the hidden part stays fused
+    handle.remove()
+    assert seen == [torch.Size([12, 4 if cls is LayerNormLSTM else 3, 5])]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float32; the statistics summed differently
+    m.ln_ih_l0.weight.data.mul_(2)
+    assert not torch.allclose(m(x)[0], want)  # the fused pass reads the gains

@@ -16,7 +16,7 @@ from normscope.recurrent import LayerNormGRU, LayerNormLSTM
 
 @pytest.fixture(autouse=True)
 def _kernels(monkeypatch):
-    monkeypatch.setenv("NORMSCOPE_RNN_CPU_LOOP", "cpp")  # opt-in (see rnn_cpu._find_gemm)
+    monkeypatch.delenv("NORMSCOPE_RNN_CPU_LOOP", raising=False)  # the default: the C++ loop (rnn_cpu._find_gemm)
     if not rnn_cpu.available():
         pytest.fail(f"the fused recurrent kernels did not build: {rnn_cpu.unavailable_reason()}")
 
@@ -56,8 +56,8 @@ def _counting(monkeypatch):
 
 def test_gemm_found_in_an_mkl_torch(monkeypatch):
     monkeypatch.setenv("NORMSCOPE_RNN_CPU_LOOP", "python")
-    assert rnn_cpu._gemm_address(torch.float32) is None  # the default: the per-step loop
-    monkeypatch.setenv("NORMSCOPE_RNN_CPU_LOOP", "cpp")
+    assert rnn_cpu._gemm_address(torch.float32) is None  # asked for: the per-step loop
+    monkeypatch.delenv("NORMSCOPE_RNN_CPU_LOOP")
     if "BLAS_INFO=mkl" not in torch.__config__.show():
         assert rnn_cpu._gemm_address(torch.float32) is None  # the per-step loop: tested below either way
         return

@@ -458,12 +458,19 @@ class _LNRecurrent(torch.nn.Module):
 
     # ---- the recurrence -----------------------------------------------------------------------------------
 
-    def _input_gates(self, x: Tensor, p: dict, pk: Optional[_Packing] = None) -> Tensor:
+    def _input_gates(self, x: Tensor, p: dict, pk: Optional[_Packing] = None, backend: Optional[str] = None
+                     ) -> Tensor:
         """The normalized input pre-activations of all steps plus the biases: one matmul and one norm call (one
         norm call per time step, on the same rows, while a Monitor watches the norm: so that what it sees, such
-        as the first non-finite value, has a time step)."""
+        as the first non-finite value, has a time step). ``backend`` ``"cpu"`` (the fused CPU kernels run this
+        direction) and an unobserved input norm: the norm, its gains and the biases in one fused pass."""
         ln: RecurrentNorm = p["ln_ih"]
         pre = torch.nn.functional.linear(x, p["weight_ih"]).unflatten(-1, (self.gates, -1))
+        b_ih, b_hh = p["bias_ih"], p["bias_hh"]
+        if (backend == "cpu" and not (ln._forward_hooks or ln._forward_pre_hooks or ln.step_observers)
+                and ln.weight.dtype == pre.dtype and ln.weight.device == pre.device):
+            bias = None if b_ih is None else (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
+            return _fused_kernels("cpu").input_gates(pre, ln.weight, bias, ln.eps)
         if pk is not None and pk.steps > 1 and ln.step_observers > 0 and not torch.compiler.is_compiling():
             parts = []
             for t in range(pk.steps):
@@ -474,7 +481,6 @@ class _LNRecurrent(torch.nn.Module):
             xg = torch.cat(parts)
         else:
             xg = ln(pre)
-        b_ih, b_hh = p["bias_ih"], p["bias_hh"]
         if b_ih is not None:
             xg = xg + (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
         return xg
@@ -530,8 +536,8 @@ class _LNRecurrent(torch.nn.Module):
                     zero_init: bool):
         """One direction of one layer over packed rows; returns (packed outputs ``(N, H)``, final state).
         ``zero_init``: the initial state is zeros (no ``hx``), so rows that have not run yet hold zeros."""
-        xg = self._input_gates(data, p, pk)  # (N, G, H)
         backend = self._fused_backend(data, state, p)
+        xg = self._input_gates(data, p, pk, backend)  # (N, G, H)
         if backend is not None:
             rnn_cpu = _fused_kernels(backend)  # normscope.ops.rnn_cpu or rnn_triton: the same functions
 

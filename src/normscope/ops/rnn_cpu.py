@@ -2,15 +2,17 @@
 
 Built on first use like :mod:`normscope.ops.cpu_backend` (the system C++ compiler, ``-O3 -march=native
 -fopenmp``, cached under ``$NORMSCOPE_CACHE_DIR`` or ``~/.cache/normscope`` by a hash of the source, flags,
-compiler and CPU; loaded with ctypes). Per step, torch does the recurrent matmul (``torch.mm``) and one kernel
-call does the rest. Opt-in (``NORMSCOPE_RNN_CPU_LOOP=cpp``; measured at 0.9-1.17x, so not the default), the time
-loop of a direction runs in C++ instead, one call per sequence: per
-step, the recurrent matmul (torch's own BLAS ``sgemm_`` / ``dgemm_``, whose address is looked up in
-``libtorch_cpu`` and handed to the kernel, so the library needs no torch headers) and one fused pass for the rest
-(the per-gate-block layer norm of the hidden pre-activations, the gate nonlinearities, the state update and the
-LSTM's cell-state norm); the backward mirrors it, with the weight gradients of all steps as one matmul and the
-norm-gain gradients summed in a fixed row order (bitwise the same for any number of threads). Where torch
-exports no Fortran gemm (builds without MKL), the loop stays in Python, with the same values.
+compiler and CPU; loaded with ctypes). The time loop of a direction runs in C++, one call per sequence: per step,
+the recurrent matmul (torch's own BLAS ``sgemm_`` / ``dgemm_``, whose address is looked up in ``libtorch_cpu``
+and handed to the kernel, so the library needs no torch headers) and one fused pass for the rest (the per-gate-block
+layer norm of the hidden pre-activations, the gate nonlinearities, the state update and the LSTM's cell-state
+norm). The threads split the batch rows once for the whole sequence (a row's recurrence reads no other row), so
+the steps run without a barrier and each thread's gemm is single-threaded on its own rows. The backward mirrors
+it, with the weight gradients of all steps as one matmul and the norm-gain gradients summed in a fixed row order
+(bitwise the same for any number of threads). :func:`input_gates` does the input-gate norms of all steps, their
+gains and the biases in one pass. Where torch exports no Fortran gemm (builds without MKL), or with
+``NORMSCOPE_RNN_CPU_LOOP=python``, the loop stays in Python (one ``torch.mm`` and one kernel call per step), with
+the same values to rounding.
 
 :func:`lstm_sequence` / :func:`gru_sequence` run one direction of one layer over a packed batch and are
 differentiable (first order; see docs/recurrent.md for what takes the unfused path). float32 and float64.
@@ -28,12 +30,12 @@ from torch import Tensor
 
 from normscope.ops._native import NativeLib
 
-__all__ = ["available", "unavailable_reason", "lstm_sequence", "gru_sequence"]
+__all__ = ["available", "unavailable_reason", "lstm_sequence", "gru_sequence", "input_gates"]
 
 _SRC = Path(__file__).resolve().parent / "csrc" / "ln_rnn_cpu.cpp"
 # -fno-trapping-math: comparisons may be if-converted (the clamps in vexp / vtanh vectorize); no value changes.
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-shared")
-_ABI = 3
+_ABI = 5
 _SFX = {torch.float32: "f32", torch.float64: "f64"}
 _PARALLEL_MIN = 1 << 14  # below this many elements per step, one thread
 
@@ -45,7 +47,9 @@ def _declare(lib: ctypes.CDLL) -> None:
             ("ns_lstm_bwd", [i64, i64, i64] + [ptr] * 15 + [cint]),
             ("ns_gru_fwd", [i64, i64, i64] + [ptr] * 5 + [dbl] + [ptr] * 6 + [cint]),
             ("ns_gru_bwd", [i64, i64, i64] + [ptr] * 11 + [cint]),
-            ("ns_rnn_colsum", [i64, i64, ptr, ptr, ptr, cint]),
+            ("ns_rnn_colsum", [i64, i64, ptr, ptr, ptr, ptr, cint]),
+            ("ns_gate_norm_fwd", [i64, i64, i64, ptr, ptr, ptr, dbl, ptr, ptr, ptr, cint]),
+            ("ns_gate_norm_bwd", [i64, i64, i64] + [ptr] * 5 + [cint]),
             ("ns_lstm_seq_fwd", [i64, ptr, i64] + [ptr] * 9 + [dbl] + [ptr] * 9 + [cint, i64]),
             ("ns_lstm_seq_bwd", [i64, ptr, i64] + [ptr] * 17 + [cint, i64]),
             ("ns_gru_seq_fwd", [i64, ptr, i64] + [ptr] * 7 + [dbl] + [ptr] * 6 + [cint, i64]),
@@ -83,9 +87,8 @@ _gemm_cache: dict = {}
 def _find_gemm(name: str) -> Optional[int]:
     """Address of torch's exported Fortran BLAS ``name`` (``sgemm_`` / ``dgemm_``), or None where torch has none
     (builds on OpenBLAS / without MKL: the per-step Python loop is used there)."""
-    # Opt-in (NORMSCOPE_RNN_CPU_LOOP=cpp): measured at 0.9-1.17x the per-step Python loop on a 2-core VM
-    # (BENCHMARKS.md), not worth a second path by default until it is faster.
-    if os.environ.get("NORMSCOPE_RNN_CPU_LOOP", "python").strip().lower() != "cpp":
+    # NORMSCOPE_RNN_CPU_LOOP=python: the per-step Python loop (the fallback, kept selectable for comparisons).
+    if os.environ.get("NORMSCOPE_RNN_CPU_LOOP", "cpp").strip().lower() == "python":
         return None
     if name not in _gemm_cache:
         addr = None
@@ -117,8 +120,17 @@ def _colsum(a: Tensor, b: Optional[Tensor], shape: Sequence[int]) -> Tensor:
     R = a.shape[0]
     C = a.numel() // max(R, 1)
     out = a.new_empty(C)
-    _fn("ns_rnn_colsum", a.dtype)(R, C, _p(a), _p(b), _p(out), _threads(R * C))
+    _fn("ns_rnn_colsum", a.dtype)(R, C, _p(a), _p(b), _p(out), None, _threads(R * C))
     return out.view(*shape)
+
+
+def _colsum2(a: Tensor, b: Tensor, shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """``((a * b).sum(0), a.sum(0))`` from one pass over ``a``, each like :func:`_colsum`."""
+    R = a.shape[0]
+    C = a.numel() // max(R, 1)
+    out, out_a = a.new_empty(C), a.new_empty(C)
+    _fn("ns_rnn_colsum", a.dtype)(R, C, _p(a), _p(b), _p(out), _p(out_a), _threads(R * C))
+    return out.view(*shape), out_a.view(*shape)
 
 
 class _Plan:
@@ -160,6 +172,44 @@ def _recurrent_mm(h: Tensor, w_t: Tensor, p: Tensor, k: int) -> None:
         torch.mm(h[:k], w_t, out=p[:k])
 
 
+class _GateNorm(torch.autograd.Function):
+    """``LN(pre) * gamma + bias`` per gate block, ``pre`` ``(N, G, H)``, ``gamma`` / ``bias`` ``(G, H)``."""
+
+    @staticmethod
+    def forward(ctx, pre, gamma, bias, eps):  # type: ignore[override]
+        N, G, H = pre.shape
+        pre, gamma = pre.contiguous(), gamma.contiguous()
+        b = None if bias is None else bias.contiguous()
+        y, xhat, rstd = pre.new_empty(N, G, H), pre.new_empty(N, G, H), pre.new_empty(N, G)
+        _fn("ns_gate_norm_fwd", pre.dtype)(N * G, G, H, _p(pre), _p(gamma), _p(b), float(eps), _p(y), _p(xhat),
+                                           _p(rstd), _threads(N * G * H))
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(gamma, xhat, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        gamma, xhat, rstd = ctx.saved_tensors
+        N, G, H = xhat.shape
+        dy = dy.contiguous()
+        dpre = torch.empty_like(xhat)
+        _fn("ns_gate_norm_bwd", xhat.dtype)(N * G, G, H, _p(dy), _p(gamma), _p(xhat), _p(rstd), _p(dpre),
+                                            _threads(N * G * H))
+        d_gamma, d_bias = _colsum2(dy, xhat, (G, H))
+        d_gamma = d_gamma if ctx.needs_input_grad[1] else None
+        d_bias = d_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dpre, d_gamma, d_bias, None
+
+
+def input_gates(pre: Tensor, gamma: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+    """The normalized input pre-activations of all steps plus the gate biases in one pass: ``LN(pre) * gamma +
+    bias`` over the last dim of each gate block, ``pre`` ``(N, G, H)``, ``gamma`` and ``bias`` ``(G, H)`` (bias
+    may be None). Differentiable (first order); the same values as the input ``RecurrentNorm`` followed by the
+    bias add, up to rounding (statistics two-pass, summed in float64)."""
+    return _GateNorm.apply(pre, gamma, bias, eps)
+
+
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xg, h0, c0, w_hh, g_hh, g_c, b_c, plan, eps):  # type: ignore[override]
@@ -199,7 +249,7 @@ class _LSTMSequence(torch.autograd.Function):
         dh = dhT.clone(memory_format=torch.contiguous_format)
         dc = dcT.clone(memory_format=torch.contiguous_format)
         dxg = hprev.new_empty(N, 4, H)
-        dp = hprev.new_zeros(N, 4 * H)
+        dp = hprev.new_empty(N, 4 * H)  # rows >= k of a step: zeros from the kernel
         dy = hprev.new_empty(N, H)
         gemm = _gemm_address(hprev.dtype)
         if gemm is not None:
@@ -220,8 +270,7 @@ class _LSTMSequence(torch.autograd.Function):
                     torch.mm(dp[off:off + k], w_hh, out=dh[:k])
         dw = dp.t().mm(hprev)
         d_ghh = _colsum(dxg, xhat, (4, H))
-        d_gc = _colsum(dy, cn, (H,))
-        d_bc = _colsum(dy, None, (H,))
+        d_gc, d_bc = _colsum2(dy, cn, (H,))
         return dxg, dh, dc, dw, d_ghh, d_gc, d_bc, None, None
 
 
@@ -264,7 +313,7 @@ class _GRUSequence(torch.autograd.Function):
         dout = dout.contiguous()
         dh = dhT.clone(memory_format=torch.contiguous_format)
         dxg, dhg = hprev.new_empty(N, 3, H), hprev.new_empty(N, 3, H)
-        dp = hprev.new_zeros(N, 3 * H)
+        dp = hprev.new_empty(N, 3 * H)
         gemm = _gemm_address(hprev.dtype)
         if gemm is not None:
             plan = ctx.plan
@@ -281,8 +330,8 @@ class _GRUSequence(torch.autograd.Function):
                 if k:
                     dh[:k].addmm_(dp[off:off + k], w_hh)
         dw = dp.t().mm(hprev)
-        d_ghh = _colsum(dhg, xhat, (3, H))
-        d_bhh = _colsum(dhg, None, (3 * H,)) if ctx.has_bias else None
+        d_ghh, d_bhh = _colsum2(dhg, xhat, (3, H))
+        d_bhh = d_bhh.view(3 * H) if ctx.has_bias else None
         return dxg, dh, dw, d_ghh, d_bhh, None, None
 
 

@@ -21,6 +21,10 @@
 
 namespace {
 
+// Elementwise loops: no element depends on another and the arrays do not overlap (GCC otherwise gives up on the
+// loops that store to several arrays and runs them scalar). Never on a sum: that would reorder it.
+#define NS_SIMD _Pragma("omp simd")
+
 // float32 exp / tanh that the compiler vectorizes (the scalar libm calls cost ~20 ns each and dominated the
 // step): Cephes' expf and tanhf (range reduction + minimax polynomials; within 2 ulp of the correctly rounded
 // result over the range used here). float64 keeps libm's exp / tanh.
@@ -65,7 +69,7 @@ inline double vtanh(double x) { return std::tanh(x); }
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + vexp(-x)); }
 
-// Sums in double over 16 lanes (element j goes to lane j % 16), the lanes added in order at the end: a fixed
+// Sums in double over 16 lanes (element j goes to lane j % 16), the lanes added as a tree at the end: a fixed
 // order (the same bits for any thread count) that the compiler vectorizes, which a single running sum is not
 // (reassociating it is not allowed without -ffast-math).
 constexpr int64_t kLanes = 16;
@@ -77,9 +81,13 @@ inline double lane_sum(int64_t H, F term) {
     for (; j0 + kLanes <= H; j0 += kLanes)
         for (int64_t l = 0; l < kLanes; ++l) acc[l] += term(j0 + l);
     for (int64_t l = 0; j0 + l < H; ++l) acc[l] += term(j0 + l);
-    double s = 0;
-    for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-    return s;
+    // the lanes added as a tree (8 + 8, 4 + 4, ...): vector adds, not a chain of 16 dependent scalar adds (the
+    // chain cost as much as the sums themselves on rows of 128). The level loop is unrolled so that the partial
+    // sums stay in registers between levels.
+#pragma GCC unroll 4
+    for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+        for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
 }
 
 // mean / rstd of x[0..H) (two-pass), writes xhat = (x - mean) * rstd.
@@ -92,6 +100,7 @@ inline T normalize(const T* x, int64_t H, T eps, T* xhat) {
     });
     const double rstd = 1.0 / std::sqrt(v / double(H) + double(eps));
     const T m = T(mean), r = T(rstd);
+    NS_SIMD
     for (int64_t j = 0; j < H; ++j) xhat[j] = (x[j] - m) * r;
     return r;
 }
@@ -101,6 +110,7 @@ template <typename T>
 inline void normalize_bwd(const T* dxhat, const T* xhat, T rstd, int64_t H, T* dx) {
     const T a = T(lane_sum<T>(H, [&](int64_t j) { return double(dxhat[j]); }) / double(H));
     const T b = T(lane_sum<T>(H, [&](int64_t j) { return double(dxhat[j]) * double(xhat[j]); }) / double(H));
+    NS_SIMD
     for (int64_t j = 0; j < H; ++j) dx[j] = rstd * (dxhat[j] - a - xhat[j] * b);
 }
 
@@ -122,17 +132,21 @@ void lstm_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T*
             T* a = gt + q * H;
             if (r < k) {
                 rstd[r * 4 + q] = normalize(p + r * 4 * H + q * H, H, eps, xh + q * H);
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) a[j] = x[q * H + j] + xh[q * H + j] * g_hh[q * H + j];
             } else {
                 rstd[r * 4 + q] = 0;
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) {
                     xh[q * H + j] = 0;
                     a[j] = x[q * H + j];
                 }
             }
             if (q == 2) {
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) a[j] = vtanh(a[j]);
             } else {
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) a[j] = sigmoid(a[j]);
             }
         }
@@ -144,6 +158,7 @@ void lstm_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T*
         T* cr = c + r * H;
         T* hp = hprev + r * H;
         T* cp = cprev + r * H;
+        NS_SIMD
         for (int64_t j = 0; j < H; ++j) {
             hp[j] = hr[j];
             cp[j] = cr[j];
@@ -151,6 +166,7 @@ void lstm_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T*
         }
         T* cnr = cn + r * H;
         rstd_c[r] = normalize(cr, H, eps, cnr);
+        NS_SIMD
         for (int64_t j = 0; j < H; ++j) {
             const T t = vtanh(cnr[j] * g_c[j] + b_c[j]);
             th[r * H + j] = t;
@@ -162,8 +178,8 @@ void lstm_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T*
 
 // LSTM backward step over the n running rows. dout (n,H): dL/dh_t from the output; dh, dc (>= n rows, H): in
 // dL/dh_t, dL/dc_t from the later steps, out dL/dc_{t-1} in dc and zeros in dh for rows >= k (the rows < k get
-// dL/dh_{t-1} = dp W_hh from the caller). Writes dxg (n,4,H) (= dL/d gate pre-activation), dp (k,4H) (dL/d W_hh
-// h_prev of the live rows) and dy (n,H) (dL/d (cn * g_c + b_c), for the cell-norm parameter gradients).
+// dL/dh_{t-1} = dp W_hh from the caller). Writes dxg (n,4,H) (= dL/d gate pre-activation), dp (n,4H) (dL/d W_hh
+// h_prev; zero for rows >= k) and dy (n,H) (dL/d (cn * g_c + b_c), for the cell-norm parameter gradients).
 template <typename T>
 void lstm_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, T* dc, const T* c_prev, const T* g_hh,
               const T* g_c, const T* xhat, const T* rstd, const T* gates, const T* cn, const T* rstd_c, const T* th,
@@ -179,6 +195,7 @@ void lstm_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, T* dc, cons
         T* dyr = dy + r * H;
         T* dhr = dh + r * H;
         // through h = o * tanh(y), y = cn * g_c + b_c
+        NS_SIMD
         for (int64_t j = 0; j < H; ++j) {
             const T t = th[r * H + j];
             const T d = dhr[j] + dout[r * H + j];
@@ -188,6 +205,7 @@ void lstm_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, T* dc, cons
         }
         normalize_bwd(da, cn + r * H, rstd_c[r], H, da);  // dcn -> dc through the cell norm
         T* dcr = dc + r * H;
+        NS_SIMD
         for (int64_t j = 0; j < H; ++j) {
             const T dct = dcr[j] + da[j];
             da[j] = dct * gg[j] * gi[j] * (T(1) - gi[j]);
@@ -198,11 +216,16 @@ void lstm_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, T* dc, cons
         if (r < k) {
             T* dpr = dp + r * 4 * H;
             for (int64_t q = 0; q < 4; ++q) {
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) dpr[q * H + j] = da[q * H + j] * g_hh[q * H + j];
                 normalize_bwd(dpr + q * H, xhat + r * 4 * H + q * H, rstd[r * 4 + q], H, dpr + q * H);
             }
         } else {
+            T* dpr = dp + r * 4 * H;
+            NS_SIMD
             for (int64_t j = 0; j < H; ++j) dhr[j] = 0;  // the zero initial state is a constant
+            NS_SIMD
+            for (int64_t j = 0; j < 4 * H; ++j) dpr[j] = 0;  // (and has no recurrent term)
         }
     }
 }
@@ -226,9 +249,11 @@ void gru_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, con
                 rstd[r * 3 + q] = normalize(p + r * 3 * H + q * H, H, eps, xh + q * H);
             } else {
                 rstd[r * 3 + q] = 0;
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) xh[q * H + j] = 0;
             }
         }
+        NS_SIMD
         for (int64_t j = 0; j < H; ++j) {
             T hrr = xh[j] * g_hh[j], hz = xh[H + j] * g_hh[H + j], hnn = xh[2 * H + j] * g_hh[2 * H + j];
             if (b_hh) {
@@ -253,7 +278,7 @@ void gru_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, con
 
 // GRU backward step over the n running rows. dout (n,H): dL/dh_t from the output; dh (>= n rows, H): in dL/dh_t
 // from the later steps, out the direct part of dL/dh_{t-1} (z * dL/dh_t; the caller adds dp W_hh for the live
-// rows). Writes dxg (n,3,H), dhg (n,3,H) (dL/d hidden gate term, for b_hh and gamma_hh) and dp (k,3H).
+// rows). Writes dxg (n,3,H), dhg (n,3,H) (dL/d hidden gate term, for b_hh and gamma_hh) and dp (n,3H) (zero for rows >= k).
 template <typename T>
 void gru_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_prev, const T* g_hh, const T* xhat,
              const T* rstd, const T* gates, const T* hn, T* dxg, T* dhg, T* dp, int threads) {
@@ -262,6 +287,7 @@ void gru_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_p
         const T* gt = gates + r * 3 * H;
         T* dx = dxg + r * 3 * H;
         T* dg = dhg + r * 3 * H;
+        NS_SIMD
         for (int64_t j = 0; j < H; ++j) {
             const T rg = gt[j], zg = gt[H + j], ng = gt[2 * H + j];
             const T d = dh[r * H + j] + dout[r * H + j];
@@ -279,42 +305,109 @@ void gru_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_p
         if (r < k) {
             T* dpr = dp + r * 3 * H;
             for (int64_t q = 0; q < 3; ++q) {
+                NS_SIMD
                 for (int64_t j = 0; j < H; ++j) dpr[q * H + j] = dg[q * H + j] * g_hh[q * H + j];
                 normalize_bwd(dpr + q * H, xhat + r * 3 * H + q * H, rstd[r * 3 + q], H, dpr + q * H);
             }
+        } else {
+            T* dpr = dp + r * 3 * H;
+            NS_SIMD
+            for (int64_t j = 0; j < 3 * H; ++j) dpr[j] = 0;  // the zero initial state has no recurrent term
         }
     }
 }
 
-// out[c] = sum over rows r (in order) of a[r, c] * b[r, c] (b null: a[r, c]), accumulated in double. Each thread
-// owns a block of columns and streams the rows (row-major, vectorized); every column is summed in row order,
-// so the result does not depend on the number of threads.
+// The input-gate norms of all steps at once: rows r of x (R rows of H; row r is gate block r % G of its time
+// step) normalized over H, then y = xhat * gamma[g] + bias[g] (bias null: none). Writes xhat and rstd (R) for
+// the backward. One pass pair per row instead of a norm call, a multiply and an add over the whole tensor.
 template <typename T>
-void colsum(int64_t R, int64_t C, const T* a, const T* b, T* out, int threads) {
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-#else
-        const int64_t nt = 1, tid = 0;
-#endif
-        const int64_t block = ((C + nt - 1) / nt + 15) / 16 * 16;
-        const int64_t c0 = std::min(C, tid * block), c1 = std::min(C, c0 + block);
-        if (c1 > c0) {
-            std::vector<double> acc(c1 - c0, 0.0);
-            double* ac = acc.data();
-            for (int64_t r = 0; r < R; ++r) {
-                const T* ar = a + r * C + c0;
-                if (b) {
-                    const T* br = b + r * C + c0;
-                    for (int64_t c = 0; c < c1 - c0; ++c) ac[c] += double(ar[c]) * double(br[c]);
-                } else {
-                    for (int64_t c = 0; c < c1 - c0; ++c) ac[c] += double(ar[c]);
-                }
-            }
-            for (int64_t c = 0; c < c1 - c0; ++c) out[c0 + c] = T(ac[c]);
+void gate_norm_fwd(int64_t R, int64_t G, int64_t H, const T* x, const T* gamma, const T* bias, T eps, T* y,
+                   T* xhat, T* rstd, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r % G;
+        const T* gm = gamma + g * H;
+        T* xh = xhat + r * H;
+        T* yr = y + r * H;
+        rstd[r] = normalize(x + r * H, H, eps, xh);
+        if (bias) {
+            const T* b = bias + g * H;
+            NS_SIMD
+            for (int64_t j = 0; j < H; ++j) yr[j] = xh[j] * gm[j] + b[j];
+        } else {
+            NS_SIMD
+            for (int64_t j = 0; j < H; ++j) yr[j] = xh[j] * gm[j];
         }
     }
+}
+
+// Its backward: dx = normalize_bwd(dy * gamma[g]) per row (the parameter gradients by colsum).
+template <typename T>
+void gate_norm_bwd(int64_t R, int64_t G, int64_t H, const T* dy, const T* gamma, const T* xhat, const T* rstd,
+                   T* dx, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < R; ++r) {
+        const T* gm = gamma + (r % G) * H;
+        const T* d = dy + r * H;
+        T* o = dx + r * H;
+        NS_SIMD
+        for (int64_t j = 0; j < H; ++j) o[j] = d[j] * gm[j];
+        normalize_bwd(o, xhat + r * H, rstd[r], H, o);
+    }
+}
+
+// out[c] = sum over rows r (in order) of a[r, c] * b[r, c] (b null: a[r, c]), accumulated in double; out_a
+// (not null, with b): also sum over r of a[r, c], from the same pass. The columns are cut into chunks of kChunk
+// whose sums stay in registers while all rows stream by; threads take whole chunks. Every column is summed in
+// row order by one thread, so the result does not depend on the number of threads.
+constexpr int64_t kChunk = 32;
+
+template <typename T, int64_t W, bool kFull, bool kB, bool kA>
+inline void colsum_chunk(int64_t R, int64_t C, int64_t w, const T* a, const T* b, double* s, double* sa) {
+    double acc[W] = {0}, acc_a[W] = {0};
+    for (int64_t r = 0; r < R; ++r) {
+        const T* ar = a + r * C;
+        const T* br = kB ? b + r * C : nullptr;
+        for (int64_t c = 0; c < W; ++c) {
+            if (kFull || c < w) {
+                const double v = double(ar[c]);
+                acc[c] += kB ? v * double(br[c]) : v;
+                if (kA) acc_a[c] += v;
+            }
+        }
+    }
+    for (int64_t c = 0; c < w; ++c) {
+        s[c] = acc[c];
+        if (kA) sa[c] = acc_a[c];
+    }
+}
+
+template <typename T, bool kB, bool kA>
+void colsum_impl(int64_t R, int64_t C, const T* a, const T* b, T* out, T* out_a, int threads) {
+    const int64_t chunks = (C + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t q = 0; q < chunks; ++q) {
+        const int64_t c0 = q * kChunk, w = std::min(kChunk, C - c0);
+        double s[kChunk], sa[kChunk];
+        if (w == kChunk)
+            colsum_chunk<T, kChunk, true, kB, kA>(R, C, w, a + c0, kB ? b + c0 : nullptr, s, sa);
+        else
+            colsum_chunk<T, kChunk, false, kB, kA>(R, C, w, a + c0, kB ? b + c0 : nullptr, s, sa);
+        for (int64_t c = 0; c < w; ++c) {
+            out[c0 + c] = T(s[c]);
+            if (kA) out_a[c0 + c] = T(sa[c]);
+        }
+    }
+}
+
+template <typename T>
+void colsum(int64_t R, int64_t C, const T* a, const T* b, T* out, T* out_a, int threads) {
+    if (!b)
+        colsum_impl<T, false, false>(R, C, a, b, out, out_a, threads);
+    else if (out_a)
+        colsum_impl<T, true, true>(R, C, a, b, out, out_a, threads);
+    else
+        colsum_impl<T, true, false>(R, C, a, b, out, out_a, threads);
 }
 
 // Whole-sequence drivers: the time loop of one direction in C++ (one call per sequence and direction instead of
@@ -336,20 +429,65 @@ inline void gemm_rm(gemm_fn<T> gemm, bool trans_w, int64_t k, int64_t M, int64_t
     gemm(&ta, &tb, &m, &nn, &kk, &one, w, &lda, x, &ldb, &beta, y, &ldc);
 }
 
-inline int step_threads(int threads, int64_t elems, int64_t par_min) { return elems >= par_min ? threads : 1; }
+// The threads of a time loop: each owns a fixed block of batch rows for the whole sequence. A row's recurrence
+// (its matmul row, its norms, its state) never reads another row, so the threads run all steps without a
+// barrier, each calling the single-threaded gemm on its own rows (inside the parallel region the BLAS does not
+// start threads of its own). Rows are sorted longest first: at a step running n rows of which k are live, the
+// block [lo, hi) runs rows [lo, min(hi, n)), the live ones [lo, max(lo, min(k, hi))). One thread when the whole
+// sequence has fewer than par_min elements, or when a thread would get fewer than 2 rows.
+inline int seq_threads(int threads, int64_t nsteps, const int64_t* steps, int64_t row_elems, int64_t par_min,
+                       int64_t* rows) {
+    int64_t B = 0;
+    for (int64_t s = 0; s < nsteps; ++s) B = std::max(B, steps[3 * s + 1]);
+    *rows = B;
+    if (B * row_elems * nsteps < par_min) return 1;
+    return int(std::max<int64_t>(1, std::min<int64_t>(threads, B / 2)));
+}
+
+struct Block {
+    int64_t lo, n, k;  // first row, rows run, live rows (relative to lo)
+};
+
+inline bool block_of(int64_t B, int tid, int nth, int64_t n, int64_t k, Block* b) {
+    const int64_t lo = B * tid / nth, hi = std::min(B * (tid + 1) / nth, n);
+    if (hi <= lo) return false;
+    *b = {lo, hi - lo, std::max(lo, std::min(k, hi)) - lo};
+    return true;
+}
+
+// run(tid, nth) on nt threads; nt == 1: a plain call, no parallel region (even an inactive one would make the
+// BLAS's own parallel regions nested ones, with threads started and stopped on every gemm call).
+template <typename F>
+inline void in_team(int nt, const F& run) {
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        run(omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
+#endif
+    run(0, 1);
+}
 
 template <typename T>
 void lstm_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
                   T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, T eps, T* out, T* hprev, T* cprev,
                   T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th, int threads, int64_t par_min) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    for (int64_t s = 0; s < nsteps; ++s) {
-        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
-        if (k) gemm_rm<T>(gemm, true, k, 4 * H, H, w_hh, h, T(0), p);
-        lstm_fwd<T>(n, k, H, xg + o * 4 * H, p, h, c, g_hh, g_c, b_c, eps, out + o * H, hprev + o * H,
-                    cprev + o * H, xhat + o * 4 * H, rstd + o * 4, gates + o * 4 * H, cn + o * H, rstd_c + o,
-                    th + o * H, step_threads(threads, n * 4 * H, par_min));
-    }
+    int64_t B;
+    const int nt = seq_threads(threads, nsteps, steps, 4 * H, par_min, &B);
+    const auto run = [&](const int tid, const int nth) {
+        for (int64_t s = 0; s < nsteps; ++s) {
+            Block b;
+            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
+            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
+            if (b.k) gemm_rm<T>(gemm, true, b.k, 4 * H, H, w_hh, h + lo * H, T(0), p + lo * 4 * H);
+            lstm_fwd<T>(b.n, b.k, H, xg + o * 4 * H, p + lo * 4 * H, h + lo * H, c + lo * H, g_hh, g_c, b_c, eps,
+                        out + o * H, hprev + o * H, cprev + o * H, xhat + o * 4 * H, rstd + o * 4,
+                        gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H, 1);
+        }
+    };
+    in_team(nt, run);
 }
 
 template <typename T>
@@ -358,13 +496,20 @@ void lstm_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_pt
                   const T* gates, const T* cn, const T* rstd_c, const T* th, T* dxg, T* dp, T* dy, int threads,
                   int64_t par_min) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    for (int64_t s = nsteps - 1; s >= 0; --s) {
-        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
-        lstm_bwd<T>(n, k, H, dout + o * H, dh, dc, c_prev + o * H, g_hh, g_c, xhat + o * 4 * H, rstd + o * 4,
-                    gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H, dxg + o * 4 * H, dp + o * 4 * H,
-                    dy + o * H, step_threads(threads, n * 4 * H, par_min));
-        if (k) gemm_rm<T>(gemm, false, k, H, 4 * H, w_hh, dp + o * 4 * H, T(0), dh);
-    }
+    int64_t B;
+    const int nt = seq_threads(threads, nsteps, steps, 4 * H, par_min, &B);
+    const auto run = [&](const int tid, const int nth) {
+        for (int64_t s = nsteps - 1; s >= 0; --s) {
+            Block b;
+            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
+            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
+            lstm_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, dc + lo * H, c_prev + o * H, g_hh, g_c,
+                        xhat + o * 4 * H, rstd + o * 4, gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H,
+                        dxg + o * 4 * H, dp + o * 4 * H, dy + o * H, 1);
+            if (b.k) gemm_rm<T>(gemm, false, b.k, H, 4 * H, w_hh, dp + o * 4 * H, T(0), dh + lo * H);
+        }
+    };
+    in_team(nt, run);
 }
 
 template <typename T>
@@ -372,12 +517,19 @@ void gru_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr
                  T* p, T* h, const T* g_hh, const T* b_hh, T eps, T* out, T* hprev, T* xhat, T* rstd, T* gates,
                  T* hn, int threads, int64_t par_min) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    for (int64_t s = 0; s < nsteps; ++s) {
-        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
-        if (k) gemm_rm<T>(gemm, true, k, 3 * H, H, w_hh, h, T(0), p);
-        gru_fwd<T>(n, k, H, xg + o * 3 * H, p, h, g_hh, b_hh, eps, out + o * H, hprev + o * H, xhat + o * 3 * H,
-                   rstd + o * 3, gates + o * 3 * H, hn + o * H, step_threads(threads, n * 3 * H, par_min));
-    }
+    int64_t B;
+    const int nt = seq_threads(threads, nsteps, steps, 3 * H, par_min, &B);
+    const auto run = [&](const int tid, const int nth) {
+        for (int64_t s = 0; s < nsteps; ++s) {
+            Block b;
+            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
+            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
+            if (b.k) gemm_rm<T>(gemm, true, b.k, 3 * H, H, w_hh, h + lo * H, T(0), p + lo * 3 * H);
+            gru_fwd<T>(b.n, b.k, H, xg + o * 3 * H, p + lo * 3 * H, h + lo * H, g_hh, b_hh, eps, out + o * H,
+                       hprev + o * H, xhat + o * 3 * H, rstd + o * 3, gates + o * 3 * H, hn + o * H, 1);
+        }
+    };
+    in_team(nt, run);
 }
 
 template <typename T>
@@ -385,20 +537,27 @@ void gru_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr
                  T* dh, const T* h_prev, const T* g_hh, const T* xhat, const T* rstd, const T* gates, const T* hn,
                  T* dxg, T* dhg, T* dp, int threads, int64_t par_min) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    for (int64_t s = nsteps - 1; s >= 0; --s) {
-        const int64_t o = steps[3 * s], n = steps[3 * s + 1], k = steps[3 * s + 2];
-        gru_bwd<T>(n, k, H, dout + o * H, dh, h_prev + o * H, g_hh, xhat + o * 3 * H, rstd + o * 3,
-                   gates + o * 3 * H, hn + o * H, dxg + o * 3 * H, dhg + o * 3 * H, dp + o * 3 * H,
-                   step_threads(threads, n * 3 * H, par_min));
-        if (k) gemm_rm<T>(gemm, false, k, H, 3 * H, w_hh, dp + o * 3 * H, T(1), dh);
-    }
+    int64_t B;
+    const int nt = seq_threads(threads, nsteps, steps, 3 * H, par_min, &B);
+    const auto run = [&](const int tid, const int nth) {
+        for (int64_t s = nsteps - 1; s >= 0; --s) {
+            Block b;
+            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
+            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
+            gru_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, h_prev + o * H, g_hh, xhat + o * 3 * H,
+                       rstd + o * 3, gates + o * 3 * H, hn + o * H, dxg + o * 3 * H, dhg + o * 3 * H,
+                       dp + o * 3 * H, 1);
+            if (b.k) gemm_rm<T>(gemm, false, b.k, H, 3 * H, w_hh, dp + o * 3 * H, T(1), dh + lo * H);
+        }
+    };
+    in_team(nt, run);
 }
 
 }  // namespace
 
 extern "C" {
 
-int ns_rnn_abi_version() { return 3; }
+int ns_rnn_abi_version() { return 5; }
 
 #define NS_RNN_ENTRY(SFX, T)                                                                                      \
     void ns_lstm_fwd_##SFX(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T* c, const T* g_hh,  \
@@ -423,8 +582,16 @@ int ns_rnn_abi_version() { return 3; }
                           T* dhg, T* dp, int threads) {                                                           \
         gru_bwd<T>(n, k, H, dout, dh, h_prev, g_hh, xhat, rstd, gates, hn, dxg, dhg, dp, threads);               \
     }                                                                                                             \
-    void ns_rnn_colsum_##SFX(int64_t R, int64_t C, const T* a, const T* b, T* out, int threads) {                 \
-        colsum<T>(R, C, a, b, out, threads);                                                                      \
+    void ns_gate_norm_fwd_##SFX(int64_t R, int64_t G, int64_t H, const T* x, const T* gamma, const T* bias,      \
+                                double eps, T* y, T* xhat, T* rstd, int threads) {                                \
+        gate_norm_fwd<T>(R, G, H, x, gamma, bias, T(eps), y, xhat, rstd, threads);                                \
+    }                                                                                                             \
+    void ns_gate_norm_bwd_##SFX(int64_t R, int64_t G, int64_t H, const T* dy, const T* gamma, const T* xhat,     \
+                                const T* rstd, T* dx, int threads) {                                              \
+        gate_norm_bwd<T>(R, G, H, dy, gamma, xhat, rstd, dx, threads);                                            \
+    }                                                                                                             \
+    void ns_rnn_colsum_##SFX(int64_t R, int64_t C, const T* a, const T* b, T* out, T* out_a, int threads) {       \
+        colsum<T>(R, C, a, b, out, out_a, threads);                                                               \
     }                                                                                                             \
     void ns_lstm_seq_fwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* xg, const T* w,    \
                                T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, double eps, T* out,   \
