@@ -125,3 +125,34 @@ def test_gradcheck_through_the_cpp_loop(cls):
     x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([5, 2, 4])
     assert torch.autograd.gradcheck(lambda v: m(v, lengths=lengths)[0], (x,))
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+@pytest.mark.parametrize("loop", ["cpp", "python"])
+def test_inference_keeps_one_step_and_gives_the_training_values(monkeypatch, cls, loop):
+    monkeypatch.setenv("NORMSCOPE_RNN_CPU_LOOP", loop)
+    torch.manual_seed(24)
+    m = _randomize(cls(5, 24, num_layers=2, bidirectional=True), seed=9)
+    x = torch.randn(8, 40, 5)
+    lengths = torch.randint(1, 9, (40,))
+    lengths[3] = 8
+    seq = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    kept = []  # the first dim of what each direction's forward keeps for the backward (rnn_cpu._block)
+    real_block = rnn_cpu._block
+
+    def block(like, *shapes):
+        if len(shapes) > 2:  # the sequence's block, not the input-gate statistics
+            kept.append({s[0] for s in shapes})
+        return real_block(like, *shapes)
+
+    monkeypatch.setattr(rnn_cpu, "_block", block)
+    N = int(lengths.sum())
+    out, st = m(seq)  # parameters require grad: everything the backward reads is kept for all N packed rows
+    assert kept == [{N}] * 4  # 2 layers x 2 directions
+    kept.clear()
+    with torch.no_grad():
+        out_ng, st_ng = m(seq)
+    assert kept == [{40}] * 4  # one step's rows (the batch), overwritten at every step
+    assert torch.equal(out.data, out_ng.data)
+    for a, b in zip(st if isinstance(st, tuple) else (st,), st_ng if isinstance(st_ng, tuple) else (st_ng,)):
+        assert torch.equal(a, b)

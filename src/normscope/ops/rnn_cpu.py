@@ -21,6 +21,7 @@ differentiable (first order; see docs/recurrent.md for what takes the unfused pa
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -35,7 +36,7 @@ __all__ = ["available", "unavailable_reason", "lstm_sequence", "gru_sequence", "
 _SRC = Path(__file__).resolve().parent / "csrc" / "ln_rnn_cpu.cpp"
 # -fno-trapping-math: comparisons may be if-converted (the clamps in vexp / vtanh vectorize); no value changes.
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-shared")
-_ABI = 5
+_ABI = 7
 _SFX = {torch.float32: "f32", torch.float64: "f64"}
 _PARALLEL_MIN = 1 << 14  # below this many elements per step, one thread
 
@@ -49,10 +50,11 @@ def _declare(lib: ctypes.CDLL) -> None:
             ("ns_gru_bwd", [i64, i64, i64] + [ptr] * 11 + [cint]),
             ("ns_rnn_colsum", [i64, i64, ptr, ptr, ptr, ptr, cint]),
             ("ns_gate_norm_fwd", [i64, i64, i64, ptr, ptr, ptr, dbl, ptr, ptr, ptr, cint]),
+            ("ns_gate_norm_xhat", [i64, i64] + [ptr] * 4 + [cint]),
             ("ns_gate_norm_bwd", [i64, i64, i64] + [ptr] * 5 + [cint]),
-            ("ns_lstm_seq_fwd", [i64, ptr, i64] + [ptr] * 9 + [dbl] + [ptr] * 9 + [cint, i64]),
+            ("ns_lstm_seq_fwd", [i64, ptr, i64] + [ptr] * 9 + [dbl] + [ptr] * 9 + [cint, i64, cint]),
             ("ns_lstm_seq_bwd", [i64, ptr, i64] + [ptr] * 17 + [cint, i64]),
-            ("ns_gru_seq_fwd", [i64, ptr, i64] + [ptr] * 7 + [dbl] + [ptr] * 6 + [cint, i64]),
+            ("ns_gru_seq_fwd", [i64, ptr, i64] + [ptr] * 7 + [dbl] + [ptr] * 6 + [cint, i64, cint]),
             ("ns_gru_seq_bwd", [i64, ptr, i64] + [ptr] * 13 + [cint, i64]),
         ):
             fn = getattr(lib, f"{name}_{sfx}")
@@ -172,34 +174,68 @@ def _recurrent_mm(h: Tensor, w_t: Tensor, p: Tensor, k: int) -> None:
         torch.mm(h[:k], w_t, out=p[:k])
 
 
+_BLOCK_MAX_BYTES = 24 << 20  # below glibc's largest dynamic mmap threshold (32 MiB on 64-bit)
+
+
+def _block(like: Tensor, *shapes: Sequence[int]) -> List[Tensor]:
+    """Tensors of ``shapes`` carved out of one allocation (64-byte aligned) when together they are under
+    ``_BLOCK_MAX_BYTES``, else one allocation each. What a forward keeps for its backward lives and dies together;
+    glibc's allocator returns medium blocks freed at the top of its heap to the system and faults the pages in
+    again on the next call (measured: a third of the LSTM forward's time at T=64, B=16, H=128), while one larger
+    block raises its reuse thresholds. Above 32 MiB a block is always a fresh mapping, so large shapes keep
+    separate tensors (each reused from the heap once the thresholds have grown)."""
+    sizes = [math.prod(s) for s in shapes]
+    if sum(sizes) * like.element_size() > _BLOCK_MAX_BYTES:
+        return [like.new_empty(*s) for s in shapes]
+    align = max(1, 64 // like.element_size())
+    padded = [(n + align - 1) // align * align for n in sizes]
+    flat = like.new_empty(sum(padded))
+    out, off = [], 0
+    for shape, n, pn in zip(shapes, sizes, padded):
+        out.append(flat[off:off + n].view(*shape))
+        off += pn
+    return out
+
+
+def _needs_backward(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will record the call (grad mode on and an input requiring grad): only then are the values
+    the backward reads kept for every row (the Functions' ``needs_input_grad`` ignores grad mode)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _GateNorm(torch.autograd.Function):
-    """``LN(pre) * gamma + bias`` per gate block, ``pre`` ``(N, G, H)``, ``gamma`` / ``bias`` ``(G, H)``."""
+    """``LN(pre) * gamma + bias`` per gate block, ``pre`` ``(N, G, H)``, ``gamma`` / ``bias`` ``(G, H)``. Keeps
+    ``pre`` (the input projection's output, alive anyway) and the row statistics for the backward, not a
+    normalized copy."""
 
     @staticmethod
-    def forward(ctx, pre, gamma, bias, eps):  # type: ignore[override]
+    def forward(ctx, pre, gamma, bias, eps, save):  # type: ignore[override]
         N, G, H = pre.shape
         pre, gamma = pre.contiguous(), gamma.contiguous()
         b = None if bias is None else bias.contiguous()
-        y, xhat, rstd = pre.new_empty(N, G, H), pre.new_empty(N, G, H), pre.new_empty(N, G)
-        _fn("ns_gate_norm_fwd", pre.dtype)(N * G, G, H, _p(pre), _p(gamma), _p(b), float(eps), _p(y), _p(xhat),
+        y = pre.new_empty(N, G, H)
+        mean, rstd = _block(pre, (N, G), (N, G))
+        _fn("ns_gate_norm_fwd", pre.dtype)(N * G, G, H, _p(pre), _p(gamma), _p(b), float(eps), _p(y), _p(mean),
                                            _p(rstd), _threads(N * G * H))
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(gamma, xhat, rstd)
+        if save:
+            ctx.save_for_backward(pre, gamma, mean, rstd)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        gamma, xhat, rstd = ctx.saved_tensors
-        N, G, H = xhat.shape
+        pre, gamma, mean, rstd = ctx.saved_tensors
+        N, G, H = pre.shape
         dy = dy.contiguous()
-        dpre = torch.empty_like(xhat)
-        _fn("ns_gate_norm_bwd", xhat.dtype)(N * G, G, H, _p(dy), _p(gamma), _p(xhat), _p(rstd), _p(dpre),
-                                            _threads(N * G * H))
-        d_gamma, d_bias = _colsum2(dy, xhat, (G, H))
+        dpre = torch.empty_like(pre)  # holds xhat first, then (in place) the input gradient
+        threads = _threads(N * G * H)
+        _fn("ns_gate_norm_xhat", pre.dtype)(N * G, H, _p(pre), _p(mean), _p(rstd), _p(dpre), threads)
+        d_gamma, d_bias = _colsum2(dy, dpre, (G, H))
+        _fn("ns_gate_norm_bwd", pre.dtype)(N * G, G, H, _p(dy), _p(gamma), _p(dpre), _p(rstd), _p(dpre), threads)
         d_gamma = d_gamma if ctx.needs_input_grad[1] else None
         d_bias = d_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dpre, d_gamma, d_bias, None
+        return dpre, d_gamma, d_bias, None, None
 
 
 def input_gates(pre: Tensor, gamma: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
@@ -207,34 +243,36 @@ def input_gates(pre: Tensor, gamma: Tensor, bias: Optional[Tensor], eps: float) 
     bias`` over the last dim of each gate block, ``pre`` ``(N, G, H)``, ``gamma`` and ``bias`` ``(G, H)`` (bias
     may be None). Differentiable (first order); the same values as the input ``RecurrentNorm`` followed by the
     bias add, up to rounding (statistics two-pass, summed in float64)."""
-    return _GateNorm.apply(pre, gamma, bias, eps)
+    return _GateNorm.apply(pre, gamma, bias, eps, _needs_backward(pre, gamma, bias))
 
 
 class _LSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, h0, c0, w_hh, g_hh, g_c, b_c, plan, eps):  # type: ignore[override]
+    def forward(ctx, xg, h0, c0, w_hh, g_hh, g_c, b_c, plan, eps, save):  # type: ignore[override]
         N, H = xg.shape[0], h0.shape[1]
         fwd = _fn("ns_lstm_fwd", xg.dtype)
         xg, w_hh, g_hh, g_c, b_c = (t.contiguous() for t in (xg, w_hh, g_hh, g_c, b_c))
         h, c = h0.clone(memory_format=torch.contiguous_format), c0.clone(memory_format=torch.contiguous_format)
-        out, hprev, cprev, cn, th = (xg.new_empty(N, H) for _ in range(5))
-        xhat, gates = xg.new_empty(N, 4, H), xg.new_empty(N, 4, H)
-        rstd, rstd_c = xg.new_empty(N, 4), xg.new_empty(N)
+        # Without a backward to come, what the backward reads is kept for one step only (B rows, overwritten).
+        R = N if save else h.shape[0]
+        out = xg.new_empty(N, H)
+        hprev, cprev, cn, th, xhat, gates, rstd, rstd_c = _block(xg, (R, H), (R, H), (R, H), (R, H), (R, 4, H),
+                                                                  (R, 4, H), (R, 4), (R,))
         p = xg.new_empty(h.shape[0], 4 * H)
         gemm = _gemm_address(xg.dtype)
         if gemm is not None:
             _fn("ns_lstm_seq_fwd", xg.dtype)(
                 len(plan.steps), _p(plan.table), H, gemm, _p(xg), _p(w_hh), _p(p), _p(h), _p(c), _p(g_hh), _p(g_c),
                 _p(b_c), float(eps), _p(out), _p(hprev), _p(cprev), _p(xhat), _p(rstd), _p(gates), _p(cn),
-                _p(rstd_c), _p(th), max(1, torch.get_num_threads()), _PARALLEL_MIN)
+                _p(rstd_c), _p(th), max(1, torch.get_num_threads()), _PARALLEL_MIN, int(save))
         else:
             w_t = w_hh.t()
-            rows = _Rows(xg, out, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
+            io, kept = _Rows(xg, out), _Rows(hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
             fixed = (_p(p), _p(h), _p(c), _p(g_hh), _p(g_c), _p(b_c), float(eps))
             for off, n, k in plan.steps:
                 _recurrent_mm(h, w_t, p, k)
-                x_a, *outs = rows.at(off)
-                fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 4 * H))
+                x_a, out_a = io.at(off)
+                fwd(n, k, H, x_a, *fixed, out_a, *kept.at(off if save else 0), _threads(n * 4 * H))
         ctx.plan = plan
         ctx.save_for_backward(w_hh, g_hh, g_c, hprev, cprev, xhat, rstd, gates, cn, rstd_c, th)
         return out, h, c
@@ -248,9 +286,8 @@ class _LSTMSequence(torch.autograd.Function):
         dout = dout.contiguous()
         dh = dhT.clone(memory_format=torch.contiguous_format)
         dc = dcT.clone(memory_format=torch.contiguous_format)
-        dxg = hprev.new_empty(N, 4, H)
-        dp = hprev.new_empty(N, 4 * H)  # rows >= k of a step: zeros from the kernel
-        dy = hprev.new_empty(N, H)
+        # (dp: rows >= k of a step are zeros from the kernel)
+        dxg, dp, dy = _block(hprev, (N, 4, H), (N, 4 * H), (N, H))
         gemm = _gemm_address(hprev.dtype)
         if gemm is not None:
             plan = ctx.plan
@@ -271,35 +308,35 @@ class _LSTMSequence(torch.autograd.Function):
         dw = dp.t().mm(hprev)
         d_ghh = _colsum(dxg, xhat, (4, H))
         d_gc, d_bc = _colsum2(dy, cn, (H,))
-        return dxg, dh, dc, dw, d_ghh, d_gc, d_bc, None, None
+        return dxg, dh, dc, dw, d_ghh, d_gc, d_bc, None, None, None
 
 
 class _GRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xg, h0, w_hh, g_hh, b_hh, plan, eps):  # type: ignore[override]
+    def forward(ctx, xg, h0, w_hh, g_hh, b_hh, plan, eps, save):  # type: ignore[override]
         N, H = xg.shape[0], h0.shape[1]
         fwd = _fn("ns_gru_fwd", xg.dtype)
         xg, w_hh, g_hh = (t.contiguous() for t in (xg, w_hh, g_hh))
         b = None if b_hh is None else b_hh.contiguous()
         h = h0.clone(memory_format=torch.contiguous_format)
-        out, hprev, hn = xg.new_empty(N, H), xg.new_empty(N, H), xg.new_empty(N, H)
-        xhat, gates = xg.new_empty(N, 3, H), xg.new_empty(N, 3, H)
-        rstd = xg.new_empty(N, 3)
+        R = N if save else h.shape[0]
+        out = xg.new_empty(N, H)
+        hprev, hn, xhat, gates, rstd = _block(xg, (R, H), (R, H), (R, 3, H), (R, 3, H), (R, 3))
         p = xg.new_empty(h.shape[0], 3 * H)
         gemm = _gemm_address(xg.dtype)
         if gemm is not None:
             _fn("ns_gru_seq_fwd", xg.dtype)(
                 len(plan.steps), _p(plan.table), H, gemm, _p(xg), _p(w_hh), _p(p), _p(h), _p(g_hh), _p(b),
                 float(eps), _p(out), _p(hprev), _p(xhat), _p(rstd), _p(gates), _p(hn),
-                max(1, torch.get_num_threads()), _PARALLEL_MIN)
+                max(1, torch.get_num_threads()), _PARALLEL_MIN, int(save))
         else:
             w_t = w_hh.t()
-            rows = _Rows(xg, out, hprev, xhat, rstd, gates, hn)
+            io, kept = _Rows(xg, out), _Rows(hprev, xhat, rstd, gates, hn)
             fixed = (_p(p), _p(h), _p(g_hh), _p(b), float(eps))
             for off, n, k in plan.steps:
                 _recurrent_mm(h, w_t, p, k)
-                x_a, *outs = rows.at(off)
-                fwd(n, k, H, x_a, *fixed, *outs, _threads(n * 3 * H))
+                x_a, out_a = io.at(off)
+                fwd(n, k, H, x_a, *fixed, out_a, *kept.at(off if save else 0), _threads(n * 3 * H))
         ctx.plan, ctx.has_bias = plan, b_hh is not None
         ctx.save_for_backward(w_hh, g_hh, hprev, xhat, rstd, gates, hn)
         return out, h
@@ -312,8 +349,7 @@ class _GRUSequence(torch.autograd.Function):
         bwd = _fn("ns_gru_bwd", hprev.dtype)
         dout = dout.contiguous()
         dh = dhT.clone(memory_format=torch.contiguous_format)
-        dxg, dhg = hprev.new_empty(N, 3, H), hprev.new_empty(N, 3, H)
-        dp = hprev.new_empty(N, 3 * H)
+        dxg, dhg, dp = _block(hprev, (N, 3, H), (N, 3, H), (N, 3 * H))
         gemm = _gemm_address(hprev.dtype)
         if gemm is not None:
             plan = ctx.plan
@@ -332,7 +368,7 @@ class _GRUSequence(torch.autograd.Function):
         dw = dp.t().mm(hprev)
         d_ghh, d_bhh = _colsum2(dhg, xhat, (3, H))
         d_bhh = d_bhh.view(3 * H) if ctx.has_bias else None
-        return dxg, dh, dw, d_ghh, d_bhh, None, None
+        return dxg, dh, dw, d_ghh, d_bhh, None, None, None
 
 
 def lstm_sequence(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor,
@@ -341,7 +377,9 @@ def lstm_sequence(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor
     """One direction of an LN-LSTM layer over packed rows. ``xg`` ``(N, 4, H)``: the normalized input
     pre-activations plus both biases; ``h0``, ``c0`` ``(B, H)`` (sorted like the packed batch). Returns
     (outputs ``(N, H)``, final ``h``, final ``c``)."""
-    out, h, c = _LSTMSequence.apply(xg, h0, c0, w_hh, g_hh, g_c, b_c, _Plan(batch_sizes, reverse, zero_init), eps)
+    save = _needs_backward(xg, h0, c0, w_hh, g_hh, g_c, b_c)
+    out, h, c = _LSTMSequence.apply(xg, h0, c0, w_hh, g_hh, g_c, b_c, _Plan(batch_sizes, reverse, zero_init), eps,
+                                    save)
     return out, h, c
 
 
@@ -349,5 +387,6 @@ def gru_sequence(xg: Tensor, h0: Tensor, w_hh: Tensor, g_hh: Tensor, b_hh: Optio
                  batch_sizes: Sequence[int], reverse: bool, zero_init: bool, eps: float) -> Tuple[Tensor, Tensor]:
     """One direction of an LN-GRU layer over packed rows. ``xg`` ``(N, 3, H)``: the normalized input
     pre-activations plus ``b_ih``. Returns (outputs ``(N, H)``, final ``h``)."""
-    out, h = _GRUSequence.apply(xg, h0, w_hh, g_hh, b_hh, _Plan(batch_sizes, reverse, zero_init), eps)
+    save = _needs_backward(xg, h0, w_hh, g_hh, b_hh)
+    out, h = _GRUSequence.apply(xg, h0, w_hh, g_hh, b_hh, _Plan(batch_sizes, reverse, zero_init), eps, save)
     return out, h

@@ -318,30 +318,57 @@ void gru_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_p
 }
 
 // The input-gate norms of all steps at once: rows r of x (R rows of H; row r is gate block r % G of its time
-// step) normalized over H, then y = xhat * gamma[g] + bias[g] (bias null: none). Writes xhat and rstd (R) for
-// the backward. One pass pair per row instead of a norm call, a multiply and an add over the whole tensor.
+// step) normalized over H, then y = xhat * gamma[g] + bias[g] (bias null: none). Writes mean and rstd (R): the
+// backward recomputes xhat from x (kept by the caller) instead of reading a saved copy. One pass pair per row
+// instead of a norm call, a multiply and an add over the whole tensor.
 template <typename T>
 void gate_norm_fwd(int64_t R, int64_t G, int64_t H, const T* x, const T* gamma, const T* bias, T eps, T* y,
-                   T* xhat, T* rstd, int threads) {
+                   T* mean, T* rstd, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r % G;
         const T* gm = gamma + g * H;
-        T* xh = xhat + r * H;
+        const T* xr = x + r * H;
         T* yr = y + r * H;
-        rstd[r] = normalize(x + r * H, H, eps, xh);
+        const double mu = lane_sum<T>(H, [&](int64_t j) { return double(xr[j]); }) / double(H);
+        const double v = lane_sum<T>(H, [&](int64_t j) {
+            const double d = double(xr[j]) - mu;
+            return d * d;
+        });
+        const T m = T(mu), rs = T(1.0 / std::sqrt(v / double(H) + double(eps)));
+        mean[r] = m;
+        rstd[r] = rs;
         if (bias) {
             const T* b = bias + g * H;
             NS_SIMD
-            for (int64_t j = 0; j < H; ++j) yr[j] = xh[j] * gm[j] + b[j];
+            for (int64_t j = 0; j < H; ++j) {
+                const T xh = (xr[j] - m) * rs;
+                yr[j] = xh * gm[j] + b[j];
+            }
         } else {
             NS_SIMD
-            for (int64_t j = 0; j < H; ++j) yr[j] = xh[j] * gm[j];
+            for (int64_t j = 0; j < H; ++j) {
+                const T xh = (xr[j] - m) * rs;
+                yr[j] = xh * gm[j];
+            }
         }
     }
 }
 
-// Its backward: dx = normalize_bwd(dy * gamma[g]) per row (the parameter gradients by colsum).
+// xhat = (x - mean) * rstd per row, as the forward had it (for the gain gradients and the backward below).
+template <typename T>
+void gate_norm_xhat(int64_t R, int64_t H, const T* x, const T* mean, const T* rstd, T* xhat, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < R; ++r) {
+        const T m = mean[r], rs = rstd[r];
+        const T* xr = x + r * H;
+        T* o = xhat + r * H;
+        NS_SIMD
+        for (int64_t j = 0; j < H; ++j) o[j] = (xr[j] - m) * rs;
+    }
+}
+
+// Its backward: dx = normalize_bwd(dy * gamma[g]) per row (the parameter gradients by colsum); dx may alias xhat.
 template <typename T>
 void gate_norm_bwd(int64_t R, int64_t G, int64_t H, const T* dy, const T* gamma, const T* xhat, const T* rstd,
                    T* dx, int threads) {
@@ -349,10 +376,13 @@ void gate_norm_bwd(int64_t R, int64_t G, int64_t H, const T* dy, const T* gamma,
     for (int64_t r = 0; r < R; ++r) {
         const T* gm = gamma + (r % G) * H;
         const T* d = dy + r * H;
+        const T* xh = xhat + r * H;
         T* o = dx + r * H;
+        const T a = T(lane_sum<T>(H, [&](int64_t j) { return double(d[j] * gm[j]); }) / double(H));
+        const T b = T(lane_sum<T>(H, [&](int64_t j) { return double(d[j] * gm[j]) * double(xh[j]); }) / double(H));
+        const T rs = rstd[r];
         NS_SIMD
-        for (int64_t j = 0; j < H; ++j) o[j] = d[j] * gm[j];
-        normalize_bwd(o, xhat + r * H, rstd[r], H, o);
+        for (int64_t j = 0; j < H; ++j) o[j] = rs * (d[j] * gm[j] - a - xh[j] * b);
     }
 }
 
@@ -472,7 +502,7 @@ inline void in_team(int nt, const F& run) {
 template <typename T>
 void lstm_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
                   T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, T eps, T* out, T* hprev, T* cprev,
-                  T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th, int threads, int64_t par_min) {
+                  T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th, int threads, int64_t par_min, int save) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
     int64_t B;
     const int nt = seq_threads(threads, nsteps, steps, 4 * H, par_min, &B);
@@ -481,10 +511,11 @@ void lstm_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_pt
             Block b;
             if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
             const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
+            const int64_t v = save ? o : lo;  // not saved for a backward: one step's rows, overwritten each step
             if (b.k) gemm_rm<T>(gemm, true, b.k, 4 * H, H, w_hh, h + lo * H, T(0), p + lo * 4 * H);
             lstm_fwd<T>(b.n, b.k, H, xg + o * 4 * H, p + lo * 4 * H, h + lo * H, c + lo * H, g_hh, g_c, b_c, eps,
-                        out + o * H, hprev + o * H, cprev + o * H, xhat + o * 4 * H, rstd + o * 4,
-                        gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H, 1);
+                        out + o * H, hprev + v * H, cprev + v * H, xhat + v * 4 * H, rstd + v * 4,
+                        gates + v * 4 * H, cn + v * H, rstd_c + v, th + v * H, 1);
         }
     };
     in_team(nt, run);
@@ -515,7 +546,7 @@ void lstm_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_pt
 template <typename T>
 void gru_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
                  T* p, T* h, const T* g_hh, const T* b_hh, T eps, T* out, T* hprev, T* xhat, T* rstd, T* gates,
-                 T* hn, int threads, int64_t par_min) {
+                 T* hn, int threads, int64_t par_min, int save) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
     int64_t B;
     const int nt = seq_threads(threads, nsteps, steps, 3 * H, par_min, &B);
@@ -524,9 +555,10 @@ void gru_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr
             Block b;
             if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
             const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
+            const int64_t v = save ? o : lo;  // not saved for a backward: one step's rows, overwritten each step
             if (b.k) gemm_rm<T>(gemm, true, b.k, 3 * H, H, w_hh, h + lo * H, T(0), p + lo * 3 * H);
             gru_fwd<T>(b.n, b.k, H, xg + o * 3 * H, p + lo * 3 * H, h + lo * H, g_hh, b_hh, eps, out + o * H,
-                       hprev + o * H, xhat + o * 3 * H, rstd + o * 3, gates + o * 3 * H, hn + o * H, 1);
+                       hprev + v * H, xhat + v * 3 * H, rstd + v * 3, gates + v * 3 * H, hn + v * H, 1);
         }
     };
     in_team(nt, run);
@@ -557,7 +589,7 @@ void gru_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr
 
 extern "C" {
 
-int ns_rnn_abi_version() { return 5; }
+int ns_rnn_abi_version() { return 7; }
 
 #define NS_RNN_ENTRY(SFX, T)                                                                                      \
     void ns_lstm_fwd_##SFX(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, T* c, const T* g_hh,  \
@@ -583,8 +615,12 @@ int ns_rnn_abi_version() { return 5; }
         gru_bwd<T>(n, k, H, dout, dh, h_prev, g_hh, xhat, rstd, gates, hn, dxg, dhg, dp, threads);               \
     }                                                                                                             \
     void ns_gate_norm_fwd_##SFX(int64_t R, int64_t G, int64_t H, const T* x, const T* gamma, const T* bias,      \
-                                double eps, T* y, T* xhat, T* rstd, int threads) {                                \
-        gate_norm_fwd<T>(R, G, H, x, gamma, bias, T(eps), y, xhat, rstd, threads);                                \
+                                double eps, T* y, T* mean, T* rstd, int threads) {                                \
+        gate_norm_fwd<T>(R, G, H, x, gamma, bias, T(eps), y, mean, rstd, threads);                                \
+    }                                                                                                             \
+    void ns_gate_norm_xhat_##SFX(int64_t R, int64_t H, const T* x, const T* mean, const T* rstd, T* xhat,        \
+                                 int threads) {                                                                   \
+        gate_norm_xhat<T>(R, H, x, mean, rstd, xhat, threads);                                                    \
     }                                                                                                             \
     void ns_gate_norm_bwd_##SFX(int64_t R, int64_t G, int64_t H, const T* dy, const T* gamma, const T* xhat,     \
                                 const T* rstd, T* dx, int threads) {                                              \
@@ -596,9 +632,9 @@ int ns_rnn_abi_version() { return 5; }
     void ns_lstm_seq_fwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* xg, const T* w,    \
                                T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, double eps, T* out,   \
                                T* hprev, T* cprev, T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th,           \
-                               int threads, int64_t par_min) {                                                    \
+                               int threads, int64_t par_min, int save) {                                          \
         lstm_seq_fwd<T>(ns, st, H, gemm, xg, w, p, h, c, g_hh, g_c, b_c, T(eps), out, hprev, cprev, xhat, rstd,  \
-                        gates, cn, rstd_c, th, threads, par_min);                                                 \
+                        gates, cn, rstd_c, th, threads, par_min, save);                                           \
     }                                                                                                             \
     void ns_lstm_seq_bwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* w, const T* dout,  \
                                T* dh, T* dc, const T* c_prev, const T* g_hh, const T* g_c, const T* xhat,         \
@@ -609,9 +645,9 @@ int ns_rnn_abi_version() { return 5; }
     }                                                                                                             \
     void ns_gru_seq_fwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* xg, const T* w,     \
                               T* p, T* h, const T* g_hh, const T* b_hh, double eps, T* out, T* hprev, T* xhat,    \
-                              T* rstd, T* gates, T* hn, int threads, int64_t par_min) {                           \
+                              T* rstd, T* gates, T* hn, int threads, int64_t par_min, int save) {                 \
         gru_seq_fwd<T>(ns, st, H, gemm, xg, w, p, h, g_hh, b_hh, T(eps), out, hprev, xhat, rstd, gates, hn,      \
-                       threads, par_min);                                                                         \
+                       threads, par_min, save);                                                                   \
     }                                                                                                             \
     void ns_gru_seq_bwd_##SFX(int64_t ns, const int64_t* st, int64_t H, void* gemm, const T* w, const T* dout,   \
                               T* dh, const T* h_prev, const T* g_hh, const T* xhat, const T* rstd,                \
