@@ -156,3 +156,21 @@ def test_inference_keeps_one_step_and_gives_the_training_values(monkeypatch, cls
     assert torch.equal(out.data, out_ng.data)
     for a, b in zip(st if isinstance(st, tuple) else (st,), st_ng if isinstance(st_ng, tuple) else (st_ng,)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+def test_large_saved_values_take_separate_tensors_with_the_same_results(monkeypatch, cls):
+    torch.manual_seed(25)
+    m = _randomize(cls(4, 16), seed=10)
+    x = torch.randn(6, 5, 4)
+    one = _run(copy.deepcopy(m), x, None, None, False)
+    blocks = []
+    real_block = rnn_cpu._block
+    monkeypatch.setattr(rnn_cpu, "_BLOCK_MAX_BYTES", 0)  # every block above the limit: one tensor per shape
+    monkeypatch.setattr(rnn_cpu, "_block", lambda like, *shapes: blocks.append(
+        [t.untyped_storage().data_ptr() for t in real_block(like, *shapes)]) or real_block(like, *shapes))
+    sep = _run(copy.deepcopy(m), x, None, None, False)
+    assert blocks and all(len(set(ptrs)) == len(ptrs) for ptrs in blocks)  # separate storages
+    assert torch.equal(one[0], sep[0])
+    for n in one[2]:
+        assert torch.equal(one[2][n], sep[2][n]), n
