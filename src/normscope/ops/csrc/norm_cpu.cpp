@@ -770,6 +770,76 @@ static sums_t<A> pick_sums(bool dw, bool db) {
             : (db ? &bwd_sums<A, false, true, MASKED> : &bwd_sums<A, false, false, MASKED>);
 }
 
+// Unmasked LayerNorm rows: one sweep gives the centering and both sums of the backward. With the
+// forward's shift k = x[0], sd = sum(x - k) (so d = sd / n, as the forward), s1 = sum(g) and
+// t2 = sum(g (x - k)), g = dy * w; then sum(g xhat) = rstd (t2 - d s1) (xhat_dot), since
+// xhat = ((x - k) - d) rstd. The shift keeps this stable: |x - k| and |d| are within a few standard
+// deviations of the row (at most sqrt(n) of them), unlike sum(g x) - mean sum(g), whose error
+// grows with the row's offset. The dw / db sums move to the dx sweep (bwd_dx_acc). Two sweeps over
+// the row instead of three.
+template <class A>
+static void bwd_sums3(const A* x, const A* dy, const A* w, A k, int64_t n, A* sd, A* s1, A* t2) {
+  constexpr int L = kLanes<A>;
+  A a0[L], a1[L], a2[L];
+  const A zero = (A)opaque_zero(n);
+  for (int l = 0; l < L; ++l) a0[l] = a1[l] = a2[l] = zero;
+  auto body = [&](int64_t j, int l) {
+    const A c = x[j] - k;
+    const A g = dy[j] * w[j];
+    a0[l] += c;
+    a1[l] += g;
+    a2[l] += g * c;
+  };
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) body(j + l, l);
+  }
+#pragma omp simd if (0)
+  for (int l = 0; l < (int)(n - j); ++l) body(j + l, l);
+  for (int wd = L / 2; wd > 0; wd /= 2)
+    for (int l = 0; l < wd; ++l) {
+      a0[l] += a0[l + wd];
+      a1[l] += a1[l + wd];
+      a2[l] += a2[l + wd];
+    }
+  *sd = a0[0];
+  *s1 = a1[0];
+  *t2 = a2[0];
+}
+
+// sum(g xhat) from the sums of bwd_sums3 (one expression for both row paths: the same contractions).
+template <class A>
+static inline A xhat_dot(A t2, A d, A s1, A rstd) {
+  const A t = t2 - d * s1;
+  return rstd * t;
+}
+
+// bwd_dx for unmasked rows that also adds g0 * xhat and g0 into the block's dw / db sums pw / pb
+// (null when not wanted), the terms and order of bwd_sums.
+template <class A, class O, bool DW, bool DB>
+static void bwd_dx_acc(const A* x, const A* dy, const A* w, const A* dh, void* dxv, A s, A d, A rstd,
+                       A c1, A c2, int64_t n, bool nt, Prefetch& pf, A* pw, A* pb) {
+  write_vals<O>((O*)dxv, n, nt, pf, [&](int64_t j) {
+    const A xh = ((x[j] - s) - d) * rstd;
+    const A g0 = dy[j];
+    if constexpr (DW) pw[j] += g0 * xh;
+    if constexpr (DB) pb[j] += g0;
+    const A v = rstd * (g0 * w[j] - c1 - xh * c2);
+    return v + dh[j];
+  });
+}
+
+template <class A>
+using dxacc_t = void (*)(const A*, const A*, const A*, const A*, void*, A, A, A, A, A, int64_t, bool,
+                         Prefetch&, A*, A*);
+
+template <class A, class O>
+static dxacc_t<A> pick_dx_acc(bool dw, bool db) {
+  return dw ? (db ? &bwd_dx_acc<A, O, true, true> : &bwd_dx_acc<A, O, true, false>)
+            : (db ? &bwd_dx_acc<A, O, false, true> : &bwd_dx_acc<A, O, false, false>);
+}
+
 // dx = rstd * (g - c1 - xhat * c2) + dh in dtype O (w: ones when absent; dh: zeros); with MASKED
 // the first term is +0 where mk[j] == 0 (see keep).
 template <class A, class O, bool MASKED>
@@ -840,8 +910,13 @@ static int bwd_impl(const BwdArgs<A>& a) {
   else
     with_fused_type<A>(a.tdx, [&](auto* p) { dxf = &bwd_dx<A, elem_t<decltype(p)>, false>; });
   const dx_t<A> dxa = a.mask ? &bwd_dx<A, A, true> : &bwd_dx<A, A, false>;
+  // Unmasked LayerNorm: two sweeps (bwd_sums3, then dx with the dw / db sums).
+  const bool two = !a.mask && !a.rms;
+  dxacc_t<A> dxc = nullptr;
+  with_fused_type<A>(a.tdx, [&](auto* p) { dxc = pick_dx_acc<A, elem_t<decltype(p)>>(DW, DB); });
+  const dxacc_t<A> dxca = pick_dx_acc<A, A>(DW, DB);
   const bool nt = a.stream && kCanStream;
-  const bool need_bo = dxf == nullptr;
+  const bool need_bo = dxf == nullptr || (two && dxc == nullptr);
 #pragma omp parallel num_threads(a.nt) if (a.nt > 1)
   {
     Scratch<A> bx(a.txn == ca ? 0 : N), bdy(a.tdy == ca ? 0 : N);
@@ -881,10 +956,15 @@ static int bwd_impl(const BwdArgs<A>& a) {
             s = k;
             d = s1 / denom;
           }
-        } else if (!a.rms) {
+        }
+        A s1, s2;
+        if (two) {
           const A k = x[0];
+          A sd, t2;
           s = k;
-          d = lane_sum<A>(N, [&](int64_t j) { return x[j] - k; }) / denom;
+          bwd_sums3<A>(x, dy, a.w, k, N, &sd, &s1, &t2);
+          d = sd / denom;
+          s2 = xhat_dot<A>(t2, d, s1, rstd);
         }
         Prefetch pf;
         if (a.prefetch && i + 1 < M) {
@@ -893,8 +973,19 @@ static int bwd_impl(const BwdArgs<A>& a) {
           if (dh_i) pf.add((const char*)dh_i + N * sdh, N * sdh);
           if (m) pf.add(m + N, N);
         }
-        A s1, s2;
-        sums(x, dy, mk.p, a.w, s, d, rstd, N, blw.p, blb.p, &s1, &s2);
+        if (two) {
+          const A c1 = s1 / denom, c2 = s2 / denom;
+          A* pw = DW ? blw.p : nullptr;
+          A* pb = DB ? blb.p : nullptr;
+          if (dxc) {
+            dxc(x, dy, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf, pw, pb);
+          } else {
+            dxca(x, dy, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf, pw, pb);
+            cout(bo.p, dx_i, N);
+          }
+        } else {
+          sums(x, dy, mk.p, a.w, s, d, rstd, N, blw.p, blb.p, &s1, &s2);
+        }
         if ((DW || DB) && ((i - k * R + 1) % kDwBlock == 0 || i + 1 == i1)) {
           for (int pass = 0; pass < 2; ++pass) {
             if ((pass == 0 && !DW) || (pass == 1 && !DB)) continue;
@@ -908,13 +999,15 @@ static int bwd_impl(const BwdArgs<A>& a) {
             }
           }
         }
-        const A c1 = a.rms ? (A)0 : s1 / denom;
-        const A c2 = s2 / denom;
-        if (dxf) {
-          dxf(x, dy, mk.p, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf);
-        } else {
-          dxa(x, dy, mk.p, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf);
-          cout(bo.p, dx_i, N);
+        if (!two) {
+          const A c1 = a.rms ? (A)0 : s1 / denom;
+          const A c2 = s2 / denom;
+          if (dxf) {
+            dxf(x, dy, mk.p, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf);
+          } else {
+            dxa(x, dy, mk.p, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf);
+            cout(bo.p, dx_i, N);
+          }
         }
       }
     }
@@ -1025,6 +1118,60 @@ static inline void small_sum2(int64_t n, A* s1, A* s2, F&& f) {
       a1[l] += a1[l + w];
       a2[l] += a2[l + w];
     }
+  *s1 = a1[0];
+  *s2 = a2[0];
+}
+
+// Three sums in one sweep, as bwd_sums3: f(j, mk, t0, t1, t2) sets the three terms of element j.
+template <class A, int P, class F>
+static inline void small_sum3(int64_t n, A* s0, A* s1, A* s2, F&& f) {
+  using W = mword_t<A>;
+  constexpr W kAll = ~(W)0;
+  A a0[P], a1[P], a2[P];
+  auto add = [&](int l, int64_t j, W mk, bool first) {
+    A t0, t1, t2;
+    f(j, mk, t0, t1, t2);
+    if (first) {
+      a0[l] = (A)0 + t0;
+      a1[l] = (A)0 + t1;
+      a2[l] = (A)0 + t2;
+    } else {
+      a0[l] += t0;
+      a1[l] += t1;
+      a2[l] += t2;
+    }
+  };
+  // (omp simd: left to itself, GCC ran the three sums of a bfloat16 row lane by lane)
+  if (n == P) {
+#pragma omp simd
+    for (int l = 0; l < P; ++l) add(l, l, kAll, true);
+  } else if (n < P) {
+#pragma omp simd
+    for (int l = 0; l < P; ++l) add(l, l < n ? l : n - 1, l < n ? kAll : (W)0, true);
+  } else {
+#pragma omp simd
+    for (int l = 0; l < P; ++l) add(l, l, kAll, true);
+    int64_t j = P;
+    for (; j + P <= n; j += P) {
+#pragma omp simd
+      for (int l = 0; l < P; ++l) add(l, j + l, kAll, false);
+    }
+    if (j < n) {
+#pragma omp simd
+      for (int l = 0; l < P; ++l) add(l, j + l < n ? j + l : n - 1, j + l < n ? kAll : (W)0, false);
+    }
+  }
+  // One array at a time (with the three interleaved, GCC moved the partial sums of rows of up to 8
+  // elements through the stack: a store-forwarding stall per row, bfloat16 N = 8 1.3x slower).
+  auto tree = [](A* a) {
+#pragma GCC unroll 8
+    for (int w = P / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) a[l] += a[l + w];
+  };
+  tree(a0);
+  tree(a1);
+  tree(a2);
+  *s0 = a0[0];
   *s1 = a1[0];
   *s2 = a2[0];
 }
@@ -1181,26 +1328,38 @@ static int bwd_small(const BwdArgs<A>& a) {
           rstd[g] = g < cnt ? a.rstd[i0 + g] : (A)0;
         }
         if (!a.rms) {
+          // One sweep for the centering and both sums (bwd_sums3, xhat_dot).
+          A t2[G];
+          for (int g = 0; g < G; ++g) t2[g] = 0;
           for (int g = 0; g < cnt; ++g) {
             const T* x = X + (i0 + g) * N;
+            const T* dy = DY + (i0 + g) * N;
             const A k = ld<A>(x, 0);
             sh[g] = k;
-            d[g] = small_sum<A, P>(N, [&](int64_t j, W mk) { return keep(ld<A>(x, j) - k, mk); });
+            small_sum3<A, P>(N, &d[g], &s1[g], &t2[g], [&](int64_t j, W mk, A& u0, A& u1, A& u2) {
+              const A c = keep(ld<A>(x, j) - k, mk);
+              const A gw = keep(ld<A>(dy, j), mk) * keep(w[j], mk);
+              u0 = c;
+              u1 = gw;
+              u2 = gw * c;
+            });
           }
 #pragma omp simd
           for (int g = 0; g < G; ++g) d[g] = d[g] / dn;
-        }
-        for (int g = 0; g < cnt; ++g) {
-          const T* x = X + (i0 + g) * N;
-          const T* dy = DY + (i0 + g) * N;
-          const A s = sh[g], dg = d[g], rg = rstd[g];
-          small_sum2<A, P>(N, &s1[g], &s2[g], [&](int64_t j, W mk, A& t1, A& t2) {
-            const A xh = keep(((ld<A>(x, j) - s) - dg) * rg, mk);
-            const A g0 = keep(ld<A>(dy, j), mk);
-            const A gw = g0 * keep(w[j], mk);
-            t1 = gw;
-            t2 = gw * xh;
-          });
+          for (int g = 0; g < cnt; ++g) s2[g] = xhat_dot<A>(t2[g], d[g], s1[g], rstd[g]);
+        } else {
+          for (int g = 0; g < cnt; ++g) {
+            const T* x = X + (i0 + g) * N;
+            const T* dy = DY + (i0 + g) * N;
+            const A s = sh[g], dg = d[g], rg = rstd[g];
+            small_sum2<A, P>(N, &s1[g], &s2[g], [&](int64_t j, W mk, A& t1, A& t2) {
+              const A xh = keep(((ld<A>(x, j) - s) - dg) * rg, mk);
+              const A g0 = keep(ld<A>(dy, j), mk);
+              const A gw = g0 * keep(w[j], mk);
+              t1 = gw;
+              t2 = gw * xh;
+            });
+          }
         }
         // A run-time 0 for RMS, as in bwd_impl (a constant one would change the FMA contractions).
         const A zero = (A)opaque_zero(N);
