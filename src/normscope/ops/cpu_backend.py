@@ -501,7 +501,12 @@ def norm_bwd(
     acc = torch.float64 if acc64 else torch.float32
     w = _param(weight, "weight", n, acc, offset)
     rstd = _stat(rstd, "rstd", m, acc)
-    # ``mean`` is not used: the centering is recomputed from ``xn`` exactly as forward did it.
+    # The centering is recomputed from ``xn`` exactly as forward did it; forward's ``mean`` (LayerNorm)
+    # lets the kernels take the backward's two sums in the same sweep (see bwd_sums3 in the C++). A mean
+    # that is not forward's gives the same result through one more sweep; none is fine too.
+    mu = None
+    if not rms and isinstance(mean, torch.Tensor) and mean.numel() == m:
+        mu = mean.reshape(m).to(acc).contiguous()
     lib = _require()
 
     dx = torch.empty(shape, dtype=dx_dtype)
@@ -525,7 +530,7 @@ def norm_bwd(
         (
             tdy, txn, tdh, tdx, int(acc64), dy.data_ptr(), _ptr(dh), xn.data_ptr(), _ptr(mask),
             (w if w is not None else _const(n, acc, 1.0)).data_ptr(),
-            0, rstd.data_ptr(), dx.data_ptr(), _ptr(pw), _ptr(pb),
+            _ptr(mu), rstd.data_ptr(), dx.data_ptr(), _ptr(pw), _ptr(pb),
             _ptr(dw), _ptr(db), m, n, r, int(bool(rms)), _flags(dx.nbytes), _threads(m, n),
         ),
     )

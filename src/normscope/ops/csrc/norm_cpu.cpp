@@ -771,24 +771,24 @@ static sums_t<A> pick_sums(bool dw, bool db) {
 }
 
 // Unmasked LayerNorm rows: one sweep gives the centering and both sums of the backward. With the
-// forward's shift k = x[0], sd = sum(x - k) (so d = sd / n, as the forward), s1 = sum(g) and
-// t2 = sum(g (x - k)), g = dy * w; then sum(g xhat) = rstd (t2 - d s1) (xhat_dot), since
-// xhat = ((x - k) - d) rstd. The shift keeps this stable: |x - k| and |d| are within a few standard
-// deviations of the row (at most sqrt(n) of them), unlike sum(g x) - mean sum(g), whose error
-// grows with the row's offset. The dw / db sums move to the dx sweep (bwd_dx_acc). Two sweeps over
-// the row instead of three.
+// forward's shift k = x[0] and its saved mean mu = fl(k + d): sd = sum(x - k) (d = sd / n, as the
+// forward), s1 = sum(g) and t2 = sum(g (x - mu)), g = dy * w. Since xhat = ((x - k) - d) rstd and
+// k + d = mu + e exactly (e the rounding error of fl(k + d), from two_sum_err),
+// sum(g xhat) = rstd (t2 - e s1) (xhat_dot). x - mu is as exact as the forward's centering (exact
+// when x is within a factor 2 of mu: rows with a large offset), so the sum keeps the accuracy of a
+// second sweep over xhat. The dw / db sums move to the dx sweep (bwd_dx_acc): two sweeps over the
+// row instead of three. A saved mean that is not fl(k + d) (or none) takes the three sweeps.
 template <class A>
-static void bwd_sums3(const A* x, const A* dy, const A* w, A k, int64_t n, A* sd, A* s1, A* t2) {
+static void bwd_sums3(const A* x, const A* dy, const A* w, A k, A mu, int64_t n, A* sd, A* s1, A* t2) {
   constexpr int L = kLanes<A>;
   A a0[L], a1[L], a2[L];
   const A zero = (A)opaque_zero(n);
   for (int l = 0; l < L; ++l) a0[l] = a1[l] = a2[l] = zero;
   auto body = [&](int64_t j, int l) {
-    const A c = x[j] - k;
     const A g = dy[j] * w[j];
-    a0[l] += c;
+    a0[l] += x[j] - k;
     a1[l] += g;
-    a2[l] += g * c;
+    a2[l] += g * (x[j] - mu);
   };
   int64_t j = 0;
   for (; j + L <= n; j += L) {
@@ -808,11 +808,23 @@ static void bwd_sums3(const A* x, const A* dy, const A* w, A k, int64_t n, A* sd
   *t2 = a2[0];
 }
 
-// sum(g xhat) from the sums of bwd_sums3 (one expression for both row paths: the same contractions).
+// (a + b) - s exactly, for s = fl(a + b) (Knuth's TwoSum).
 template <class A>
-static inline A xhat_dot(A t2, A d, A s1, A rstd) {
-  const A t = t2 - d * s1;
-  return rstd * t;
+static inline A two_sum_err(A a, A b, A s) {
+  const A bb = s - a;
+  return (a - (s - bb)) + (b - bb);
+}
+
+// sum(g xhat) from the sums of bwd_sums3, or false when mu is not fl(k + d) (one function for both
+// row paths: the same operations and contractions).
+template <class A>
+static inline bool xhat_dot(A t2, A k, A d, A mu, A s1, A rstd, A* s2) {
+  const A m = k + d;
+  if (!(m == mu)) return false;
+  const A e = two_sum_err<A>(k, d, m);
+  const A t = t2 - e * s1;
+  *s2 = rstd * t;
+  return true;
 }
 
 // bwd_dx for unmasked rows that also adds g0 * xhat and g0 into the block's dw / db sums pw / pb
@@ -910,8 +922,9 @@ static int bwd_impl(const BwdArgs<A>& a) {
   else
     with_fused_type<A>(a.tdx, [&](auto* p) { dxf = &bwd_dx<A, elem_t<decltype(p)>, false>; });
   const dx_t<A> dxa = a.mask ? &bwd_dx<A, A, true> : &bwd_dx<A, A, false>;
-  // Unmasked LayerNorm: two sweeps (bwd_sums3, then dx with the dw / db sums).
-  const bool two = !a.mask && !a.rms;
+  // Unmasked LayerNorm with the saved mean: two sweeps (bwd_sums3, then dx with the dw / db sums).
+  const bool two = !a.mask && !a.rms && a.mean != nullptr;
+  const sums_t<A> sums_only = pick_sums<A, false>(false, false);
   dxacc_t<A> dxc = nullptr;
   with_fused_type<A>(a.tdx, [&](auto* p) { dxc = pick_dx_acc<A, elem_t<decltype(p)>>(DW, DB); });
   const dxacc_t<A> dxca = pick_dx_acc<A, A>(DW, DB);
@@ -962,9 +975,14 @@ static int bwd_impl(const BwdArgs<A>& a) {
           const A k = x[0];
           A sd, t2;
           s = k;
-          bwd_sums3<A>(x, dy, a.w, k, N, &sd, &s1, &t2);
+          bwd_sums3<A>(x, dy, a.w, k, a.mean[i], N, &sd, &s1, &t2);
           d = sd / denom;
-          s2 = xhat_dot<A>(t2, d, s1, rstd);
+          if (!xhat_dot<A>(t2, k, d, a.mean[i], s1, rstd, &s2))
+            sums_only(x, dy, mk.p, a.w, s, d, rstd, N, nullptr, nullptr, &s1, &s2);
+        } else if (!m && !a.rms) {
+          const A k = x[0];
+          s = k;
+          d = lane_sum<A>(N, [&](int64_t j) { return x[j] - k; }) / denom;
         }
         Prefetch pf;
         if (a.prefetch && i + 1 < M) {
@@ -1327,28 +1345,42 @@ static int bwd_small(const BwdArgs<A>& a) {
           sh[g] = d[g] = s1[g] = s2[g] = 0;
           rstd[g] = g < cnt ? a.rstd[i0 + g] : (A)0;
         }
-        if (!a.rms) {
+        bool again[G];  // rows whose sums need the sweep over xhat below
+        for (int g = 0; g < G; ++g) again[g] = g < cnt;
+        if (!a.rms && a.mean) {
           // One sweep for the centering and both sums (bwd_sums3, xhat_dot).
           A t2[G];
           for (int g = 0; g < G; ++g) t2[g] = 0;
           for (int g = 0; g < cnt; ++g) {
             const T* x = X + (i0 + g) * N;
             const T* dy = DY + (i0 + g) * N;
-            const A k = ld<A>(x, 0);
+            const A k = ld<A>(x, 0), mu = a.mean[i0 + g];
             sh[g] = k;
             small_sum3<A, P>(N, &d[g], &s1[g], &t2[g], [&](int64_t j, W mk, A& u0, A& u1, A& u2) {
-              const A c = keep(ld<A>(x, j) - k, mk);
+              const A v = ld<A>(x, j);
               const A gw = keep(ld<A>(dy, j), mk) * keep(w[j], mk);
-              u0 = c;
+              u0 = keep(v - k, mk);
               u1 = gw;
-              u2 = gw * c;
+              u2 = gw * keep(v - mu, mk);
             });
           }
 #pragma omp simd
           for (int g = 0; g < G; ++g) d[g] = d[g] / dn;
-          for (int g = 0; g < cnt; ++g) s2[g] = xhat_dot<A>(t2[g], d[g], s1[g], rstd[g]);
-        } else {
+          for (int g = 0; g < cnt; ++g)
+            again[g] = !xhat_dot<A>(t2[g], sh[g], d[g], a.mean[i0 + g], s1[g], rstd[g], &s2[g]);
+        } else if (!a.rms) {
           for (int g = 0; g < cnt; ++g) {
+            const T* x = X + (i0 + g) * N;
+            const A k = ld<A>(x, 0);
+            sh[g] = k;
+            d[g] = small_sum<A, P>(N, [&](int64_t j, W mk) { return keep(ld<A>(x, j) - k, mk); });
+          }
+#pragma omp simd
+          for (int g = 0; g < G; ++g) d[g] = d[g] / dn;
+        }
+        {
+          for (int g = 0; g < cnt; ++g) {
+            if (!again[g]) continue;
             const T* x = X + (i0 + g) * N;
             const T* dy = DY + (i0 + g) * N;
             const A s = sh[g], dg = d[g], rg = rstd[g];
@@ -1569,8 +1601,9 @@ int ns_fwd(const int64_t* a, double eps) {
 
 // Backward. a[] = {tdy, txn, tdh, tdx, acc64, dy, dh, xn, mask, w, mean, rstd, dx, pw, pb, dw, db,
 // M, N, rows_per_chunk, rms, flags, nt}. Any dtypes for dy, xn, dh (ignored when dh is 0) and dx.
-// w: N accumulation-type values (ones when the op has none); mean is unused (the centering is
-// recomputed from xn) and may be 0. dw / db (0 when not wanted) need pw / pb scratch of K * N
+// w: N accumulation-type values (ones when the op has none); mean: forward's mean (LayerNorm; the
+// centering is recomputed from xn, the mean lets unmasked rows take two sweeps, see bwd_sums3), or
+// 0. dw / db (0 when not wanted) need pw / pb scratch of K * N
 // accumulation values, K = ceil(M / rows_per_chunk). flags as for ns_fwd (for dx). Returns 0, or
 // < 0 on bad arguments.
 int ns_bwd(const int64_t* a) { return a[4] ? ns_bwd_f64(a) : bwd_entry<float>(a); }
