@@ -296,6 +296,34 @@ def test_large_mean_rows():
     assert_close(y, xc * true_rstd[:, None], rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("n", [8, 64, 256, 1000])
+def test_layer_norm_backward_with_and_without_the_saved_mean(n):
+    # With forward's mean the backward takes its sums in one sweep (shifted by the mean, TwoSum-corrected);
+    # without one, or with a mean forward did not write, in three. Both as accurate against float64, on rows
+    # with a large offset and rows whose first element (forward's shift) is an outlier.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(48, n, generator=g, dtype=torch.float64)
+    x[:16] += 1e4
+    x[16:32, 0] = 1e4
+    x32 = x.float()
+    w = torch.randn(n, generator=g)
+    dy = torch.randn(48, n, generator=g)
+    _, _, mean, rstd = cb.norm_fwd(x32, None, None, w, w, 1e-5, False)
+    one = cb.norm_bwd(dy, None, x32, None, w, mean, rstd, False, True, torch.float32)
+    three = cb.norm_bwd(dy, None, x32, None, w, None, rstd, False, True, torch.float32)
+    other = cb.norm_bwd(dy, None, x32, None, w, mean.double().add(1e-3).float(), rstd, False, True, torch.float32)
+    for a, b in zip(three, other):  # a mean that is not forward's: the three sweeps, bit for bit
+        assert torch.equal(a, b)
+    assert torch.equal(one[1], three[1]) and torch.equal(one[2], three[2])  # dw, db: the same sums
+    exact = ref.norm_bwd(dy.double(), None, x32.double(), None, w.double(), None, rstd.double(), False, True,
+                         torch.float64)[0]
+    scale = exact.abs().amax(-1, keepdim=True)
+    err_one = ((one[0].double() - exact).abs() / scale).amax(-1)
+    err_three = ((three[0].double() - exact).abs() / scale).amax(-1)
+    assert float(err_one.max()) < 4e-6
+    assert bool((err_one <= 2 * err_three + 2e-7).all()), (err_one, err_three)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_constant_rows(dtype):
     x = torch.full((3, 257), 0.1, dtype=dtype)
