@@ -278,7 +278,8 @@ void gru_fwd(int64_t n, int64_t k, int64_t H, const T* xg, const T* p, T* h, con
 
 // GRU backward step over the n running rows. dout (n,H): dL/dh_t from the output; dh (>= n rows, H): in dL/dh_t
 // from the later steps, out the direct part of dL/dh_{t-1} (z * dL/dh_t; the caller adds dp W_hh for the live
-// rows). Writes dxg (n,3,H), dhg (n,3,H) (dL/d hidden gate term, for b_hh and gamma_hh) and dp (n,3H) (zero for rows >= k).
+// rows). Writes dxg (n,3,H), dhg (n,3,H) (dL/d hidden gate term, for b_hh and gamma_hh) and dp (n,3H) (zero
+// for rows >= k).
 template <typename T>
 void gru_bwd(int64_t n, int64_t k, int64_t H, const T* dout, T* dh, const T* h_prev, const T* g_hh, const T* xhat,
              const T* rstd, const T* gates, const T* hn, T* dxg, T* dhg, T* dp, int threads) {
@@ -499,26 +500,35 @@ inline void in_team(int nt, const F& run) {
     run(0, 1);
 }
 
+// The time loop of one direction: body(b, o) for every step (in order, or from the last with reverse) and every
+// thread's block b of that step's rows, o the packed row offset of the block's first row; on the threads of
+// seq_threads.
+template <typename F>
+inline void for_blocks(int64_t nsteps, const int64_t* steps, int64_t row_elems, int threads, int64_t par_min,
+                       bool reverse, const F& body) {
+    int64_t B;
+    const int nt = seq_threads(threads, nsteps, steps, row_elems, par_min, &B);
+    in_team(nt, [&](const int tid, const int nth) {
+        for (int64_t i = 0; i < nsteps; ++i) {
+            const int64_t s = reverse ? nsteps - 1 - i : i;
+            Block b;
+            if (block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) body(b, steps[3 * s] + b.lo);
+        }
+    });
+}
+
 template <typename T>
 void lstm_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
                   T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, T eps, T* out, T* hprev, T* cprev,
                   T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th, int threads, int64_t par_min, int save) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    int64_t B;
-    const int nt = seq_threads(threads, nsteps, steps, 4 * H, par_min, &B);
-    const auto run = [&](const int tid, const int nth) {
-        for (int64_t s = 0; s < nsteps; ++s) {
-            Block b;
-            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
-            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
-            const int64_t v = save ? o : lo;  // not saved for a backward: one step's rows, overwritten each step
-            if (b.k) gemm_rm<T>(gemm, true, b.k, 4 * H, H, w_hh, h + lo * H, T(0), p + lo * 4 * H);
-            lstm_fwd<T>(b.n, b.k, H, xg + o * 4 * H, p + lo * 4 * H, h + lo * H, c + lo * H, g_hh, g_c, b_c, eps,
-                        out + o * H, hprev + v * H, cprev + v * H, xhat + v * 4 * H, rstd + v * 4,
-                        gates + v * 4 * H, cn + v * H, rstd_c + v, th + v * H, 1);
-        }
-    };
-    in_team(nt, run);
+    for_blocks(nsteps, steps, 4 * H, threads, par_min, false, [&](const Block& b, const int64_t o) {
+        const int64_t lo = b.lo, v = save ? o : lo;  // not saved for a backward: one step's rows, overwritten
+        if (b.k) gemm_rm<T>(gemm, true, b.k, 4 * H, H, w_hh, h + lo * H, T(0), p + lo * 4 * H);
+        lstm_fwd<T>(b.n, b.k, H, xg + o * 4 * H, p + lo * 4 * H, h + lo * H, c + lo * H, g_hh, g_c, b_c, eps,
+                    out + o * H, hprev + v * H, cprev + v * H, xhat + v * 4 * H, rstd + v * 4, gates + v * 4 * H,
+                    cn + v * H, rstd_c + v, th + v * H, 1);
+    });
 }
 
 template <typename T>
@@ -527,20 +537,13 @@ void lstm_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_pt
                   const T* gates, const T* cn, const T* rstd_c, const T* th, T* dxg, T* dp, T* dy, int threads,
                   int64_t par_min) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    int64_t B;
-    const int nt = seq_threads(threads, nsteps, steps, 4 * H, par_min, &B);
-    const auto run = [&](const int tid, const int nth) {
-        for (int64_t s = nsteps - 1; s >= 0; --s) {
-            Block b;
-            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
-            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
-            lstm_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, dc + lo * H, c_prev + o * H, g_hh, g_c,
-                        xhat + o * 4 * H, rstd + o * 4, gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H,
-                        dxg + o * 4 * H, dp + o * 4 * H, dy + o * H, 1);
-            if (b.k) gemm_rm<T>(gemm, false, b.k, H, 4 * H, w_hh, dp + o * 4 * H, T(0), dh + lo * H);
-        }
-    };
-    in_team(nt, run);
+    for_blocks(nsteps, steps, 4 * H, threads, par_min, true, [&](const Block& b, const int64_t o) {
+        const int64_t lo = b.lo;
+        lstm_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, dc + lo * H, c_prev + o * H, g_hh, g_c,
+                    xhat + o * 4 * H, rstd + o * 4, gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H,
+                    dxg + o * 4 * H, dp + o * 4 * H, dy + o * H, 1);
+        if (b.k) gemm_rm<T>(gemm, false, b.k, H, 4 * H, w_hh, dp + o * 4 * H, T(0), dh + lo * H);
+    });
 }
 
 template <typename T>
@@ -548,20 +551,12 @@ void gru_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr
                  T* p, T* h, const T* g_hh, const T* b_hh, T eps, T* out, T* hprev, T* xhat, T* rstd, T* gates,
                  T* hn, int threads, int64_t par_min, int save) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    int64_t B;
-    const int nt = seq_threads(threads, nsteps, steps, 3 * H, par_min, &B);
-    const auto run = [&](const int tid, const int nth) {
-        for (int64_t s = 0; s < nsteps; ++s) {
-            Block b;
-            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
-            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
-            const int64_t v = save ? o : lo;  // not saved for a backward: one step's rows, overwritten each step
-            if (b.k) gemm_rm<T>(gemm, true, b.k, 3 * H, H, w_hh, h + lo * H, T(0), p + lo * 3 * H);
-            gru_fwd<T>(b.n, b.k, H, xg + o * 3 * H, p + lo * 3 * H, h + lo * H, g_hh, b_hh, eps, out + o * H,
-                       hprev + v * H, xhat + v * 3 * H, rstd + v * 3, gates + v * 3 * H, hn + v * H, 1);
-        }
-    };
-    in_team(nt, run);
+    for_blocks(nsteps, steps, 3 * H, threads, par_min, false, [&](const Block& b, const int64_t o) {
+        const int64_t lo = b.lo, v = save ? o : lo;  // as in lstm_seq_fwd
+        if (b.k) gemm_rm<T>(gemm, true, b.k, 3 * H, H, w_hh, h + lo * H, T(0), p + lo * 3 * H);
+        gru_fwd<T>(b.n, b.k, H, xg + o * 3 * H, p + lo * 3 * H, h + lo * H, g_hh, b_hh, eps, out + o * H,
+                   hprev + v * H, xhat + v * 3 * H, rstd + v * 3, gates + v * 3 * H, hn + v * H, 1);
+    });
 }
 
 template <typename T>
@@ -569,20 +564,12 @@ void gru_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr
                  T* dh, const T* h_prev, const T* g_hh, const T* xhat, const T* rstd, const T* gates, const T* hn,
                  T* dxg, T* dhg, T* dp, int threads, int64_t par_min) {
     const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    int64_t B;
-    const int nt = seq_threads(threads, nsteps, steps, 3 * H, par_min, &B);
-    const auto run = [&](const int tid, const int nth) {
-        for (int64_t s = nsteps - 1; s >= 0; --s) {
-            Block b;
-            if (!block_of(B, tid, nth, steps[3 * s + 1], steps[3 * s + 2], &b)) continue;
-            const int64_t o = steps[3 * s] + b.lo, lo = b.lo;
-            gru_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, h_prev + o * H, g_hh, xhat + o * 3 * H,
-                       rstd + o * 3, gates + o * 3 * H, hn + o * H, dxg + o * 3 * H, dhg + o * 3 * H,
-                       dp + o * 3 * H, 1);
-            if (b.k) gemm_rm<T>(gemm, false, b.k, H, 3 * H, w_hh, dp + o * 3 * H, T(1), dh + lo * H);
-        }
-    };
-    in_team(nt, run);
+    for_blocks(nsteps, steps, 3 * H, threads, par_min, true, [&](const Block& b, const int64_t o) {
+        const int64_t lo = b.lo;
+        gru_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, h_prev + o * H, g_hh, xhat + o * 3 * H, rstd + o * 3,
+                   gates + o * 3 * H, hn + o * H, dxg + o * 3 * H, dhg + o * 3 * H, dp + o * 3 * H, 1);
+        if (b.k) gemm_rm<T>(gemm, false, b.k, H, 3 * H, w_hh, dp + o * 3 * H, T(1), dh + lo * H);
+    });
 }
 
 }  // namespace
