@@ -467,9 +467,9 @@ class _LNRecurrent(torch.nn.Module):
         ln: RecurrentNorm = p["ln_ih"]
         pre = torch.nn.functional.linear(x, p["weight_ih"]).unflatten(-1, (self.gates, -1))
         b_ih, b_hh = p["bias_ih"], p["bias_hh"]
+        bias = None if b_ih is None else (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
         if (backend == "cpu" and not (ln._forward_hooks or ln._forward_pre_hooks or ln.step_observers)
                 and ln.weight.dtype == pre.dtype and ln.weight.device == pre.device):
-            bias = None if b_ih is None else (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
             return _fused_kernels("cpu").input_gates(pre, ln.weight, bias, ln.eps)
         if pk is not None and pk.steps > 1 and ln.step_observers > 0 and not torch.compiler.is_compiling():
             parts = []
@@ -481,9 +481,7 @@ class _LNRecurrent(torch.nn.Module):
             xg = torch.cat(parts)
         else:
             xg = ln(pre)
-        if b_ih is not None:
-            xg = xg + (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
-        return xg
+        return xg if bias is None else xg + bias
 
     def _step(self, xg: Tensor, state: List[Tensor], p: dict, live: int, t: int) -> List[Tensor]:
         if not torch.compiler.is_compiling():
