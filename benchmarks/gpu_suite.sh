@@ -3,6 +3,8 @@
 # the device-to-device copy bandwidth, the kernel benchmarks and the monitor overhead. Results land under $OUT
 # (default ./gpu-results). Optional wheels for peers (e.g. liger-kernel) are taken from ./.whl.
 # Usage: OUT=results bash benchmarks/gpu_suite.sh [test-timeout-s] [bench-ops]
+# Environment: WORKERS (pytest-xdist workers, default 8), RNN_ARGS (extra arguments of bench_ln_rnn_gpu.py),
+# MODES / PROVIDERS / BENCH_TIMEOUT (per op) for `normscope bench`, MONITOR_BENCH_TIMEOUT, RNN_BENCH_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 TEST_TIMEOUT=${1:-150}
@@ -16,18 +18,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; python3 -m normscope env; } \
   >"$OUT/env.txt" 2>&1
-timeout "$TEST_TIMEOUT" python3 -m pytest tests/cuda -q -p no:cacheprovider \
+# The CUDA suite and every test file that runs the Triton kernels on the GPU when one is present, in one pytest run
+# (in parallel workers where pytest-xdist is installed: most of the time is Triton's compilation).
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${WORKERS:-8}")
+timeout "$TEST_TIMEOUT" python3 -m pytest tests/cuda tests/test_triton_backend.py tests/test_triton_api.py \
+  tests/test_monitor_triton.py tests/test_recurrent_triton.py -q -rfE -p no:cacheprovider $XDIST \
   >"$OUT/tests.log" 2>&1
 echo "tests exit $?" >>"$OUT/tests.log"
 tail -3 "$OUT/tests.log"
-# The monitor's Triton kernels, field by field on the GPU (the CPU runs them in the interpreter).
-timeout "$TEST_TIMEOUT" python3 -m pytest tests/test_monitor_triton.py -q -p no:cacheprovider \
-  >"$OUT/tests-monitor-triton.log" 2>&1
-echo "monitor triton tests exit $?" >>"$OUT/tests-monitor-triton.log"
-tail -1 "$OUT/tests-monitor-triton.log"
+# LN-LSTM / LN-GRU: the speed of the fused Triton step kernels against the per-step module path and
+# cuDNN's nn.LSTM / nn.GRU (no LN).
+timeout "${RNN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_ln_rnn_gpu.py ${RNN_ARGS:-} --json "$OUT/ln-rnn-gpu.json" \
+  --markdown "$OUT/ln-rnn-gpu.md" 2>>"$OUT/bench.err" >"$OUT/ln-rnn-gpu.log"
+echo "ln rnn gpu bench exit $?"
 # One bench run per op so that a run cut short still returns the ops it finished.
 for op in ${OPS//,/ }; do
-  python3 -m normscope bench --device cuda --op "$op" --dtype bf16 --modes "${MODES:-forward,backward,full}" \
+  timeout "${BENCH_TIMEOUT:-120}" python3 -m normscope bench --device cuda --op "$op" --dtype bf16 --modes "${MODES:-forward,backward,full}" \
     --providers "${PROVIDERS:-normscope,torch,torch_compile,liger,copy}" \
     ${CSV:+--csv "$OUT/bench-$op.csv"} --markdown "$OUT/bench-$op.md" 2>>"$OUT/bench.err" >/dev/null
   echo "bench $op exit $?"
@@ -37,12 +43,3 @@ tail -3 "$OUT/bench.err"
 timeout "${MONITOR_BENCH_TIMEOUT:-300}" python3 benchmarks/monitor_overhead_gpu.py --json "$OUT/monitor-overhead.json" \
   --markdown "$OUT/monitor-overhead.md" 2>>"$OUT/bench.err" >/dev/null
 echo "monitor overhead exit $?"
-# LN-LSTM / LN-GRU: the Triton step kernels on the GPU (values and gradients against the module path), then their
-# speed against the per-step module path and cuDNN's nn.LSTM / nn.GRU (no LN).
-timeout "$TEST_TIMEOUT" python3 -m pytest tests/test_recurrent_triton.py -q -p no:cacheprovider \
-  >"$OUT/tests-recurrent-triton.log" 2>&1
-echo "recurrent triton tests exit $?" >>"$OUT/tests-recurrent-triton.log"
-tail -1 "$OUT/tests-recurrent-triton.log"
-timeout "${RNN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_ln_rnn_gpu.py --json "$OUT/ln-rnn-gpu.json" \
-  --markdown "$OUT/ln-rnn-gpu.md" 2>>"$OUT/bench.err" >"$OUT/ln-rnn-gpu.log"
-echo "ln rnn gpu bench exit $?"
