@@ -7,8 +7,9 @@ torch.nn.LSTM/GRU without layer norm (cuDNN: the price of LN), forward and forwa
 
 Prints one row per (cell, shape, dtype, mode) with median milliseconds of the fused path, the module path and
 torch, and the ratios module/fused (the fused kernels' speed-up) and fused/torch (the price of LN; 1.0 = free).
-The forward row also times the fused forward replayed from a CUDA graph (``torch.cuda.CUDAGraph``, no grad): the
-time left once the per-step launches from Python are gone.
+``graphed`` replays the fused path from CUDA graphs: the forward row a forward captured under no_grad
+(``torch.cuda.CUDAGraph``), the forward+backward row ``torch.cuda.make_graphed_callables`` (a copy of the
+module): the time left once the per-step launches from Python are gone.
 
 Accuracy, per shape, before timing: ``fp32 diff`` is the largest difference between the fused and the module
 outputs in float32 (the kernels' exactness); ``err fused`` / ``err module`` are the largest differences of each
@@ -99,6 +100,24 @@ def _graphed(ln: torch.nn.Module, x: torch.Tensor):
         return None
 
 
+def _graphed_train(ln: torch.nn.Module, x: torch.Tensor):
+    """Forward + backward of a copy of ``ln`` through ``torch.cuda.make_graphed_callables``; None (reason printed)
+    when that fails."""
+    import copy
+
+    try:
+        graphed = torch.cuda.make_graphed_callables(copy.deepcopy(ln), (x,))
+    except Exception as e:  # noqa: BLE001 - reported, and the column left empty
+        print(f"make_graphed_callables failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+    def run() -> None:
+        out, _ = graphed(x)
+        out.float().sum().backward()
+
+    return run
+
+
 def bench_one(cell: str, T: int, B: int, n_in: int, H: int, dtype: torch.dtype, warmup: int,
               repeats: int) -> List[Dict]:
     from normscope import recurrent
@@ -114,7 +133,7 @@ def bench_one(cell: str, T: int, B: int, n_in: int, H: int, dtype: torch.dtype, 
     if not kernels.available():
         raise SystemExit(f"the fused Triton kernels are unavailable: {kernels.unavailable_reason()}")
     acc = _accuracy(ln, x)
-    graphed = _graphed(ln, x)
+    graphed = {False: _graphed(ln, x), True: _graphed_train(ln, x)}
     rows = []
     for mode, backward in (("forward", False), ("forward+backward", True)):
         ctx = torch.enable_grad() if backward else torch.no_grad()
@@ -125,7 +144,7 @@ def bench_one(cell: str, T: int, B: int, n_in: int, H: int, dtype: torch.dtype, 
             module = _time(_step(ln, x, backward), warmup, repeats)
             ln.fused = True
             torch_ms = _time(_step(ref, x, backward), warmup, repeats)
-        graph_ms = None if backward or graphed is None else _time(graphed, warmup, repeats)
+        graph_ms = None if graphed[backward] is None else _time(graphed[backward], warmup, repeats)
         rows.append({"cell": cell, "T": T, "B": B, "I": n_in, "H": H, "dtype": str(dtype).replace("torch.", ""),
                      "mode": mode, "fused_ms": fused, "module_ms": module, "torch_ms": torch_ms,
                      "fused_graph_ms": graph_ms, "module_over_fused": module / fused,

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, run on a CUDA machine from the repository root: environment, the CUDA test suite,
-# the device-to-device copy bandwidth, the kernel benchmarks and the monitor overhead. Results land under $OUT
+# The GPU check, run on a CUDA machine from the repository root: environment, the CUDA test suite, a memcheck of
+# every Triton kernel, the kernel benchmarks and the monitor overhead. Results land under $OUT
 # (default ./gpu-results). Optional wheels for peers (e.g. liger-kernel) are taken from ./.whl.
 # Usage: OUT=results bash benchmarks/gpu_suite.sh [test-timeout-s] [bench-ops]
 # Environment: WORKERS (pytest-xdist workers, default 8), RNN_ARGS (extra arguments of bench_ln_rnn_gpu.py),
-# MODES / PROVIDERS / BENCH_TIMEOUT (per op) for `normscope bench`, MONITOR_BENCH_TIMEOUT, RNN_BENCH_TIMEOUT.
+# MODES / PROVIDERS / BENCH_TIMEOUT (per op) for `normscope bench`, MEMCHECK_TIMEOUT, MONITOR_BENCH_TIMEOUT,
+# RNN_BENCH_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 TEST_TIMEOUT=${1:-150}
@@ -26,6 +27,15 @@ timeout "$TEST_TIMEOUT" python3 -m pytest tests/cuda tests/test_triton_backend.p
   >"$OUT/tests.log" 2>&1
 echo "tests exit $?" >>"$OUT/tests.log"
 tail -3 "$OUT/tests.log"
+# Every Triton kernel under compute-sanitizer's memcheck, the caching allocator off so that a read past a tensor's
+# end is seen (scripts/gpu-memcheck.py).
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SANITIZER" ]; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_TIMEOUT:-240}" "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    --print-limit 5 python3 scripts/gpu-memcheck.py >"$OUT/memcheck.log" 2>&1
+  echo "memcheck exit $?" >>"$OUT/memcheck.log"
+  tail -2 "$OUT/memcheck.log"
+fi
 # LN-LSTM / LN-GRU: the speed of the fused Triton step kernels against the per-step module path and
 # cuDNN's nn.LSTM / nn.GRU (no LN).
 timeout "${RNN_BENCH_TIMEOUT:-300}" python3 benchmarks/bench_ln_rnn_gpu.py ${RNN_ARGS:-} --json "$OUT/ln-rnn-gpu.json" \

@@ -149,7 +149,7 @@ def gru_fwd(XG, P, HS, GHH, BHH, OUT, HPREV, XHAT, RSTD, GATES, VN, off, k, H, e
     hm = hv < H
     m = (hi < H) & (gi < 3)
     idx = gi * H + hi
-    p = tl.load(P + r * 3 * H + idx, mask=(hi < lim) & (gi < 4), other=0.0).to(tl.float32)
+    p = tl.load(P + r * 3 * H + idx, mask=(hi < lim) & (gi < 3), other=0.0).to(tl.float32)
     mean = tl.sum(p, axis=1) / H
     d = tl.where(m, p - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / H + eps)
