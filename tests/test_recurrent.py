@@ -422,6 +422,15 @@ def test_fused_input_gates_match_the_input_norm_and_bias():
     torch.testing.assert_close(rnn_cpu.input_gates(pre, gamma, None, 1e-5), norm(pre), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda p, g, b: rnn_cpu.input_gates(p, g, b, 1e-5), (pre, gamma, bias))
     assert torch.autograd.gradcheck(lambda p, g: rnn_cpu.input_gates(p, g, None, 1e-5), (pre, gamma))
+    # inplace: only where autograd records nothing; the same values either way
+    want = rnn_cpu.input_gates(pre, gamma, bias, 1e-5).detach()
+    kept = pre.detach().clone()
+    y = rnn_cpu.input_gates(pre, gamma, bias, 1e-5, inplace=True)
+    assert y.data_ptr() != pre.data_ptr() and torch.equal(pre.detach(), kept) and torch.equal(y.detach(), want)
+    with torch.no_grad():
+        scratch = pre.detach().clone()
+        y = rnn_cpu.input_gates(scratch, gamma, bias, 1e-5, inplace=True)
+    assert y.data_ptr() == scratch.data_ptr() and torch.equal(y, want) and torch.equal(scratch, want)
 
 
 @pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])

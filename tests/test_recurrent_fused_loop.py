@@ -1,6 +1,6 @@
 """The C++ time loop of the fused LN-LSTM / LN-GRU CPU kernels (one call per sequence and direction, the
-recurrent matmul through torch's BLAS gemm) against the per-step Python loop it replaces, which is still what
-runs where torch exports no Fortran gemm."""
+recurrent matmul through its own small-row kernel or torch's BLAS gemm, NORMSCOPE_RNN_GEMM=own / blas) against
+the per-step Python loop it replaces, which is still what runs where torch exports no Fortran gemm."""
 
 from __future__ import annotations
 
@@ -64,11 +64,13 @@ def test_gemm_found_in_an_mkl_torch(monkeypatch):
     assert rnn_cpu._gemm_address(torch.float32) and rnn_cpu._gemm_address(torch.float64)
 
 
+@pytest.mark.parametrize("gemm", ["own", "blas"])  # the loop's matmuls: its small-row kernel, or torch's BLAS
 @pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hx_given,bidir,packed", [(False, False, False), (True, True, False), (False, True, True),
                                                    (True, False, True)])
-def test_cpp_loop_equals_the_per_step_loop(monkeypatch, cls, dtype, hx_given, bidir, packed):
+def test_cpp_loop_equals_the_per_step_loop(monkeypatch, cls, dtype, hx_given, bidir, packed, gemm):
+    monkeypatch.setenv("NORMSCOPE_RNN_GEMM", gemm)
     if rnn_cpu._gemm_address(dtype) is None:
         pytest.fail("torch exports no Fortran gemm here; the C++ time loop is untested on this build")
     torch.manual_seed(21)
@@ -98,8 +100,10 @@ def test_cpp_loop_equals_the_per_step_loop(monkeypatch, cls, dtype, hx_given, bi
         torch.testing.assert_close(fused[2][name], ref[2][name], **gtol, msg=name)
 
 
+@pytest.mark.parametrize("gemm", ["own", "blas"])
 @pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
-def test_cpp_loop_is_deterministic_across_thread_counts(cls):
+def test_cpp_loop_is_deterministic_across_thread_counts(monkeypatch, cls, gemm):
+    monkeypatch.setenv("NORMSCOPE_RNN_GEMM", gemm)
     torch.manual_seed(22)
     m = _randomize(cls(6, 48, num_layers=1), seed=6)
     x = torch.randn(7, 96, 6)

@@ -470,7 +470,7 @@ class _LNRecurrent(torch.nn.Module):
         bias = None if b_ih is None else (b_ih + b_hh if self.mode == "LSTM" else b_ih).view(self.gates, -1)
         if (backend == "cpu" and not (ln._forward_hooks or ln._forward_pre_hooks or ln.step_observers)
                 and ln.weight.dtype == pre.dtype and ln.weight.device == pre.device):
-            return _fused_kernels("cpu").input_gates(pre, ln.weight, bias, ln.eps)
+            return _fused_kernels("cpu").input_gates(pre, ln.weight, bias, ln.eps, inplace=True)  # pre: fresh
         if pk is not None and pk.steps > 1 and ln.step_observers > 0 and not torch.compiler.is_compiling():
             parts = []
             for t in range(pk.steps):

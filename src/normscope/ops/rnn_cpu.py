@@ -209,11 +209,13 @@ class _GateNorm(torch.autograd.Function):
     normalized copy."""
 
     @staticmethod
-    def forward(ctx, pre, gamma, bias, eps, save):  # type: ignore[override]
+    def forward(ctx, pre, gamma, bias, eps, save, inplace):  # type: ignore[override]
         N, G, H = pre.shape
         pre, gamma = pre.contiguous(), gamma.contiguous()
         b = None if bias is None else bias.contiguous()
-        y = pre.new_empty(N, G, H)
+        # In place when asked and without a backward (a second buffer of pre's size was, at T=64, B=16, H=128,
+        # freed back to the system and faulted in again on every call).
+        y = pre if inplace and not save else pre.new_empty(N, G, H)
         mean, rstd = _block(pre, (N, G), (N, G))
         _fn("ns_gate_norm_fwd", pre.dtype)(N * G, G, H, _p(pre), _p(gamma), _p(b), float(eps), _p(y), _p(mean),
                                            _p(rstd), _threads(N * G * H))
@@ -235,15 +237,16 @@ class _GateNorm(torch.autograd.Function):
         _fn("ns_gate_norm_bwd", pre.dtype)(N * G, G, H, _p(dy), _p(gamma), _p(dpre), _p(rstd), _p(dpre), threads)
         d_gamma = d_gamma if ctx.needs_input_grad[1] else None
         d_bias = d_bias if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dpre, d_gamma, d_bias, None, None
+        return dpre, d_gamma, d_bias, None, None, None
 
 
-def input_gates(pre: Tensor, gamma: Tensor, bias: Optional[Tensor], eps: float) -> Tensor:
+def input_gates(pre: Tensor, gamma: Tensor, bias: Optional[Tensor], eps: float, inplace: bool = False) -> Tensor:
     """The normalized input pre-activations of all steps plus the gate biases in one pass: ``LN(pre) * gamma +
     bias`` over the last dim of each gate block, ``pre`` ``(N, G, H)``, ``gamma`` and ``bias`` ``(G, H)`` (bias
     may be None). Differentiable (first order); the same values as the input ``RecurrentNorm`` followed by the
-    bias add, up to rounding (statistics two-pass, summed in float64)."""
-    return _GateNorm.apply(pre, gamma, bias, eps, _needs_backward(pre, gamma, bias))
+    bias add, up to rounding (statistics two-pass, summed in float64). ``inplace``: when autograd does not record
+    the call, the result is written into (a contiguous) ``pre`` and returned."""
+    return _GateNorm.apply(pre, gamma, bias, eps, _needs_backward(pre, gamma, bias), inplace)
 
 
 class _LSTMSequence(torch.autograd.Function):
