@@ -5,10 +5,12 @@ price of LN), forward and forward+backward, on the CPU (or --device cuda).
     python benchmarks/bench_ln_rnn.py [--shapes T,B,I,H ...] [--repeats 5] [--threads N] [--device cpu]
 
 Prints one row per (cell, shape, mode) with median milliseconds of normscope (the fused CPU kernels where they
-apply: the time loop in C++), normscope with the time loop in Python (one matmul and one kernel call per step,
-what runs where torch has no MKL gemm to hand to the kernels), normscope with ``fused=False`` (the per-step module
-calls that a Monitor or forward hooks get), the composite and torch, and the ratios composite/normscope (higher is
-better for normscope) and normscope/torch (the price of LN; 1.0 = free), each with its spread (min-max over the
+apply: the time loop in C++), normscope with the time loop's matmuls through torch's BLAS gemm instead of the loop's
+own small-row kernel (``NORMSCOPE_RNN_GEMM=blas``; the same where the loop picks the BLAS itself), normscope with
+the time loop in Python (one matmul and one kernel call per step, what runs where torch has no MKL gemm to hand to
+the kernels), normscope with ``fused=False`` (the per-step module calls that a Monitor or forward hooks get), the
+composite and torch, and the ratios composite/normscope (higher is better for normscope), blas-gemm/normscope,
+py-loop/normscope and normscope/torch (the price of LN; 1.0 = free), each with its spread (min-max over the
 repeats, ratios of the same repeat).
 
 Fairness: every variant runs under the same torch thread count, gets two warm-up calls, and the repeats are
@@ -18,6 +20,7 @@ interleaved (variant A, B, C, ... then again), so a load change on the machine h
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -78,6 +81,22 @@ def _python_loop(fn):
     return f
 
 
+def _blas_gemm(fn):
+    """``fn`` with the C++ time loop's matmuls through torch's BLAS gemm (NORMSCOPE_RNN_GEMM=blas) instead of the
+    loop's own small-row kernel."""
+    def f():
+        old = os.environ.get("NORMSCOPE_RNN_GEMM")
+        os.environ["NORMSCOPE_RNN_GEMM"] = "blas"
+        try:
+            fn()
+        finally:
+            if old is None:
+                del os.environ["NORMSCOPE_RNN_GEMM"]
+            else:
+                os.environ["NORMSCOPE_RNN_GEMM"] = old
+    return f
+
+
 def _time_interleaved(fns, repeats: int, sync):
     """Per variant, the list of the wall times (ms) of ``repeats`` interleaved runs after two warm-ups each."""
     for fn in fns:
@@ -113,8 +132,8 @@ def main() -> None:
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, device {dev}")
-    print("cell  T,B,I,H  mode | ms, median [min-max]: normscope | py-loop | unfused | composite | torch "
-          "| ratios, median [min-max]: composite/ns | py-loop/ns | ns/torch")
+    print("cell  T,B,I,H  mode | ms, median [min-max]: normscope | blas-gemm | py-loop | unfused | composite | torch "
+          "| ratios, median [min-max]: composite/ns | blas-gemm/ns | py-loop/ns | ns/torch")
     for cell in args.cells.split(","):
         gru = cell == "gru"
         for shape in args.shapes:
@@ -136,11 +155,13 @@ def main() -> None:
                         return f
                     return lambda: m(x)[0].sum().backward()
 
-                fns = [call(ours), _python_loop(call(ours)), call(unfused), call(comp), call(plain)]
-                t_ns, t_py, t_unf, t_comp, t_torch = _time_interleaved(fns, args.repeats, sync)
+                fns = [call(ours), _blas_gemm(call(ours)), _python_loop(call(ours)), call(unfused), call(comp),
+                       call(plain)]
+                t_ns, t_blas, t_py, t_unf, t_comp, t_torch = _time_interleaved(fns, args.repeats, sync)
                 ratios = [[a / b for a, b in zip(num, den)] for num, den in
-                          ((t_comp, t_ns), (t_py, t_ns), (t_ns, t_torch))]
-                print(f"{cell} {shape} {mode} | " + " | ".join(_fmt(v) for v in (t_ns, t_py, t_unf, t_comp, t_torch))
+                          ((t_comp, t_ns), (t_blas, t_ns), (t_py, t_ns), (t_ns, t_torch))]
+                print(f"{cell} {shape} {mode} | "
+                      + " | ".join(_fmt(v) for v in (t_ns, t_blas, t_py, t_unf, t_comp, t_torch))
                       + " | " + " | ".join(_fmt(v) for v in ratios), flush=True)
 
 
