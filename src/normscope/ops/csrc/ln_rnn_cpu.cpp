@@ -534,7 +534,6 @@ void transpose(int64_t rows, int64_t cols, const T* w, T* out) {
                 for (int64_t j = j0; j < std::min(cols, j0 + kTile); ++j) out[j * rows + i] = w[i * cols + j];
 }
 
-
 template <typename T>
 inline void gemm_rm(gemm_fn<T> gemm, bool trans_w, int64_t k, int64_t M, int64_t K, const T* w, const T* x,
                     T beta, T* y) {
@@ -574,6 +573,30 @@ inline bool own_gemm(int64_t nsteps, const int64_t* steps, int64_t row_elems, in
     const int64_t passes = ((B + nt - 1) / nt + kGemmRows - 1) / kGemmRows;
     return passes * weight_bytes <= (int64_t(4) << 20);
 }
+
+// The recurrent matmul of a time loop's steps, y (k x M) = beta y + x (k x K) @ (trans_w ? w^T : w), w stored
+// (M, K) if trans_w else (K, M): through gemm_small (with w^T made once, for trans_w) or the BLAS, as own_gemm
+// decides for the whole sequence.
+template <typename T>
+struct StepMatmul {
+    StepMatmul(void* gemm_ptr, bool trans_w, int64_t K, int64_t M, const T* w, bool own)
+        : gemm(reinterpret_cast<gemm_fn<T>>(gemm_ptr)), trans_w(trans_w), own(own), K(K), M(M), w(w),
+          wt(own && trans_w ? K * M : 0) {
+        if (own && trans_w) transpose(M, K, w, wt.data());
+    }
+    void operator()(int64_t k, const T* x, T beta, T* y) const {
+        if (k == 0) return;
+        if (own)
+            gemm_small<T>(k, K, M, x, trans_w ? wt.data() : w, beta != T(0), y);
+        else
+            gemm_rm<T>(gemm, trans_w, k, M, K, w, x, beta, y);
+    }
+    gemm_fn<T> gemm;
+    bool trans_w, own;
+    int64_t K, M;
+    const T* w;
+    std::vector<T> wt;
+};
 
 struct Block {
     int64_t lo, n, k;  // first row, rows run, live rows (relative to lo)
@@ -621,14 +644,11 @@ template <typename T>
 void lstm_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
                   T* p, T* h, T* c, const T* g_hh, const T* g_c, const T* b_c, T eps, T* out, T* hprev, T* cprev,
                   T* xhat, T* rstd, T* gates, T* cn, T* rstd_c, T* th, int threads, int64_t par_min, int save) {
-    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    const bool own = own_gemm(nsteps, steps, 4 * H, threads, par_min, 4 * H * H * int64_t(sizeof(T)));
-    std::vector<T> wt(own ? 4 * H * H : 0);
-    if (own) transpose(4 * H, H, w_hh, wt.data());
+    const StepMatmul<T> mm(gemm_ptr, true, H, 4 * H, w_hh,
+                           own_gemm(nsteps, steps, 4 * H, threads, par_min, 4 * H * H * int64_t(sizeof(T))));
     for_blocks(nsteps, steps, 4 * H, threads, par_min, false, [&](const Block& b, const int64_t o) {
         const int64_t lo = b.lo, v = save ? o : lo;  // not saved for a backward: one step's rows, overwritten
-        if (b.k && own) gemm_small<T>(b.k, H, 4 * H, h + lo * H, wt.data(), false, p + lo * 4 * H);
-        else if (b.k) gemm_rm<T>(gemm, true, b.k, 4 * H, H, w_hh, h + lo * H, T(0), p + lo * 4 * H);
+        mm(b.k, h + lo * H, T(0), p + lo * 4 * H);
         lstm_fwd<T>(b.n, b.k, H, xg + o * 4 * H, p + lo * 4 * H, h + lo * H, c + lo * H, g_hh, g_c, b_c, eps,
                     out + o * H, hprev + v * H, cprev + v * H, xhat + v * 4 * H, rstd + v * 4, gates + v * 4 * H,
                     cn + v * H, rstd_c + v, th + v * H, 1);
@@ -640,15 +660,14 @@ void lstm_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_pt
                   T* dh, T* dc, const T* c_prev, const T* g_hh, const T* g_c, const T* xhat, const T* rstd,
                   const T* gates, const T* cn, const T* rstd_c, const T* th, T* dxg, T* dp, T* dy, int threads,
                   int64_t par_min) {
-    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    const bool own = own_gemm(nsteps, steps, 4 * H, threads, par_min, 4 * H * H * int64_t(sizeof(T)));
+    const StepMatmul<T> mm(gemm_ptr, false, 4 * H, H, w_hh,
+                           own_gemm(nsteps, steps, 4 * H, threads, par_min, 4 * H * H * int64_t(sizeof(T))));
     for_blocks(nsteps, steps, 4 * H, threads, par_min, true, [&](const Block& b, const int64_t o) {
         const int64_t lo = b.lo;
         lstm_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, dc + lo * H, c_prev + o * H, g_hh, g_c,
                     xhat + o * 4 * H, rstd + o * 4, gates + o * 4 * H, cn + o * H, rstd_c + o, th + o * H,
                     dxg + o * 4 * H, dp + o * 4 * H, dy + o * H, 1);
-        if (b.k && own) gemm_small<T>(b.k, 4 * H, H, dp + o * 4 * H, w_hh, false, dh + lo * H);
-        else if (b.k) gemm_rm<T>(gemm, false, b.k, H, 4 * H, w_hh, dp + o * 4 * H, T(0), dh + lo * H);
+        mm(b.k, dp + o * 4 * H, T(0), dh + lo * H);
     });
 }
 
@@ -656,14 +675,11 @@ template <typename T>
 void gru_seq_fwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* xg, const T* w_hh,
                  T* p, T* h, const T* g_hh, const T* b_hh, T eps, T* out, T* hprev, T* xhat, T* rstd, T* gates,
                  T* hn, int threads, int64_t par_min, int save) {
-    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    const bool own = own_gemm(nsteps, steps, 3 * H, threads, par_min, 3 * H * H * int64_t(sizeof(T)));
-    std::vector<T> wt(own ? 3 * H * H : 0);
-    if (own) transpose(3 * H, H, w_hh, wt.data());
+    const StepMatmul<T> mm(gemm_ptr, true, H, 3 * H, w_hh,
+                           own_gemm(nsteps, steps, 3 * H, threads, par_min, 3 * H * H * int64_t(sizeof(T))));
     for_blocks(nsteps, steps, 3 * H, threads, par_min, false, [&](const Block& b, const int64_t o) {
         const int64_t lo = b.lo, v = save ? o : lo;  // as in lstm_seq_fwd
-        if (b.k && own) gemm_small<T>(b.k, H, 3 * H, h + lo * H, wt.data(), false, p + lo * 3 * H);
-        else if (b.k) gemm_rm<T>(gemm, true, b.k, 3 * H, H, w_hh, h + lo * H, T(0), p + lo * 3 * H);
+        mm(b.k, h + lo * H, T(0), p + lo * 3 * H);
         gru_fwd<T>(b.n, b.k, H, xg + o * 3 * H, p + lo * 3 * H, h + lo * H, g_hh, b_hh, eps, out + o * H,
                    hprev + v * H, xhat + v * 3 * H, rstd + v * 3, gates + v * 3 * H, hn + v * H, 1);
     });
@@ -673,14 +689,13 @@ template <typename T>
 void gru_seq_bwd(int64_t nsteps, const int64_t* steps, int64_t H, void* gemm_ptr, const T* w_hh, const T* dout,
                  T* dh, const T* h_prev, const T* g_hh, const T* xhat, const T* rstd, const T* gates, const T* hn,
                  T* dxg, T* dhg, T* dp, int threads, int64_t par_min) {
-    const auto gemm = reinterpret_cast<gemm_fn<T>>(gemm_ptr);
-    const bool own = own_gemm(nsteps, steps, 3 * H, threads, par_min, 3 * H * H * int64_t(sizeof(T)));
+    const StepMatmul<T> mm(gemm_ptr, false, 3 * H, H, w_hh,
+                           own_gemm(nsteps, steps, 3 * H, threads, par_min, 3 * H * H * int64_t(sizeof(T))));
     for_blocks(nsteps, steps, 3 * H, threads, par_min, true, [&](const Block& b, const int64_t o) {
         const int64_t lo = b.lo;
         gru_bwd<T>(b.n, b.k, H, dout + o * H, dh + lo * H, h_prev + o * H, g_hh, xhat + o * 3 * H, rstd + o * 3,
                    gates + o * 3 * H, hn + o * H, dxg + o * 3 * H, dhg + o * 3 * H, dp + o * 3 * H, 1);
-        if (b.k && own) gemm_small<T>(b.k, 3 * H, H, dp + o * 3 * H, w_hh, true, dh + lo * H);
-        else if (b.k) gemm_rm<T>(gemm, false, b.k, H, 3 * H, w_hh, dp + o * 3 * H, T(1), dh + lo * H);
+        mm(b.k, dp + o * 3 * H, T(1), dh + lo * H);
     });
 }
 
