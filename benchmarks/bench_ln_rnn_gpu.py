@@ -22,6 +22,7 @@ fused path is as accurate as the module path. Exits with status 2 and a message 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -60,8 +61,6 @@ def _step(module: torch.nn.Module, x: torch.Tensor, backward: bool) -> Callable[
 
 def _accuracy(ln: torch.nn.Module, x: torch.Tensor) -> Dict[str, float]:
     """The fused path against the module path in float32, and each path's error in ``x.dtype`` from float32."""
-    import copy
-
     ref_mod = copy.deepcopy(ln).float()
     x32 = x.detach().float()
     outs = {}
@@ -103,8 +102,6 @@ def _graphed(ln: torch.nn.Module, x: torch.Tensor):
 def _graphed_train(ln: torch.nn.Module, x: torch.Tensor):
     """Forward + backward of a copy of ``ln`` through ``torch.cuda.make_graphed_callables``; None (reason printed)
     when that fails."""
-    import copy
-
     try:
         graphed = torch.cuda.make_graphed_callables(copy.deepcopy(ln), (x,))
     except Exception as e:  # noqa: BLE001 - reported, and the column left empty
@@ -157,18 +154,16 @@ def _markdown(rows: List[Dict]) -> str:
             " fused/torch | fp32 diff | err fused | err module |\n"
             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 
-    def graph(r: Dict) -> str:
-        return "" if r["fused_graph_ms"] is None else f"{r['fused_graph_ms']:.3f}"
-
     return head + "".join(
         f"| {r['cell']} | {r['T']},{r['B']},{r['I']},{r['H']} | {r['dtype']} | {r['mode']} | {r['fused_ms']:.3f} | "
-        f"{graph(r)} | {r['module_ms']:.3f} | {r['torch_ms']:.3f} | {r['module_over_fused']:.2f} | "
+        f"{_graph_cell(r, '', '')} | {r['module_ms']:.3f} | {r['torch_ms']:.3f} | {r['module_over_fused']:.2f} | "
         f"{r['fused_over_torch']:.2f} | {r['fp32_diff']:.1e} | {r['err_fused']:.1e} | {r['err_module']:.1e} |\n"
         for r in rows)
 
 
-def graph_ms(r: Dict) -> str:
-    return "-" if r["fused_graph_ms"] is None else f"{r['fused_graph_ms']:.3f} ms"
+def _graph_cell(r: Dict, missing: str, unit: str) -> str:
+    """The graphed time of a row, or ``missing`` where there is none (the forward+backward of a failed capture)."""
+    return missing if r["fused_graph_ms"] is None else f"{r['fused_graph_ms']:.3f}{unit}"
 
 
 def main(argv=None) -> int:
@@ -202,8 +197,8 @@ def main(argv=None) -> int:
                     print(f"{cell} T={T} B={B} I={n_in} H={H} {d} {r['mode']:>16}: fused {r['fused_ms']:8.3f} ms  "
                           f"module {r['module_ms']:8.3f} ms  torch {r['torch_ms']:8.3f} ms  "
                           f"module/fused {r['module_over_fused']:5.2f}  fused/torch {r['fused_over_torch']:5.2f}  "
-                          f"graphed {graph_ms(r)}  fp32 diff {r['fp32_diff']:.1e}  err fused {r['err_fused']:.1e}  "
-                          f"err module {r['err_module']:.1e}", flush=True)
+                          f"graphed {_graph_cell(r, '-', ' ms')}  fp32 diff {r['fp32_diff']:.1e}  "
+                          f"err fused {r['err_fused']:.1e}  err module {r['err_module']:.1e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
