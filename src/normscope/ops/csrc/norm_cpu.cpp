@@ -1216,6 +1216,20 @@ static inline void small_for(int64_t n, F&& body) {
 // Rows per group: a group's rows are reduced one after the other (independent chains the core
 // overlaps), and their divisions and square roots run as one vector operation.
 constexpr int kSmallGroup = 16;
+// ... but fewer for longer rows: each pass goes over all of a group's rows before the next pass, so a group's
+// rows of each input (x; x and dy in the backward) should stay in L1 between the passes together with the
+// outputs. 16 rows of 256 float32 elements (16 KB per input) did not: the backward at N = 128-256 took 1.25-1.35x
+// the time it takes with groups of 4 KB per input, the forward at N = 256 about 1.1-1.2x.
+constexpr int64_t kSmallGroupBytes = 4096;
+
+// Rows per group for rows of n elements of T: a power of two (kDwBlock is a multiple of it, so the dw / db
+// flushes fall on group ends) of at most kSmallGroup rows and, beyond one row, kSmallGroupBytes per input.
+template <class T>
+static inline int small_group_rows(int64_t n) {
+  int g = kSmallGroup;
+  while (g > 1 && g * n * (int64_t)sizeof(T) > kSmallGroupBytes) g /= 2;
+  return g;
+}
 
 template <class T, class A, bool RMS, int P>
 static int fwd_small(const FwdArgs<A>& a) {
@@ -1262,10 +1276,12 @@ static int fwd_small(const FwdArgs<A>& a) {
     }
     return 0;
   }
+  const int Gr = small_group_rows<T>(N);
+  const int64_t row_groups = (a.M + Gr - 1) / Gr;
 #pragma omp parallel for num_threads(a.nt) if (a.nt > 1) schedule(static)
-  for (int64_t q = 0; q < groups; ++q) {
-    const int64_t i0 = q * G;
-    const int cnt = (int)(a.M - i0 < G ? a.M - i0 : G);
+  for (int64_t q = 0; q < row_groups; ++q) {
+    const int64_t i0 = q * Gr;
+    const int cnt = (int)(a.M - i0 < Gr ? a.M - i0 : Gr);
     A k[G], s1[G], d[G], rstd[G];
     for (int g = 0; g < G; ++g) k[g] = s1[g] = d[g] = 0;
     for (int g = 0; g < cnt; ++g) {
@@ -1327,6 +1343,7 @@ static int bwd_small(const BwdArgs<A>& a) {
   constexpr int G = kSmallGroup;
   const A dn = (A)N;
   const bool DW = a.dw != nullptr, DB = a.db != nullptr;
+  const int Gr = small_group_rows<T>(N);  // (a power of two, so kDwBlock flushes fall on group ends)
 #pragma omp parallel num_threads(a.nt) if (a.nt > 1)
   {
     Scratch<A> blw(DW ? N : 0), blb(DB ? N : 0);  // the current block's dw / db sums
@@ -1338,8 +1355,8 @@ static int bwd_small(const BwdArgs<A>& a) {
       A rw[P], rb[P];  // the block's dw / db sums when N <= P < kLanes (see below)
       for (int j = 0; j < P; ++j) rw[j] = rb[j] = (A)0;
       const int64_t i1 = (kc + 1) * R < M ? (kc + 1) * R : M;
-      for (int64_t i0 = kc * R; i0 < i1; i0 += G) {
-        const int cnt = (int)(i1 - i0 < G ? i1 - i0 : G);
+      for (int64_t i0 = kc * R; i0 < i1; i0 += Gr) {
+        const int cnt = (int)(i1 - i0 < Gr ? i1 - i0 : Gr);
         A sh[G], d[G], rstd[G], s1[G], s2[G], c1[G], c2[G];
         for (int g = 0; g < G; ++g) {
           sh[g] = d[g] = s1[g] = s2[g] = 0;
