@@ -930,20 +930,33 @@ static int bwd_impl(const BwdArgs<A>& a) {
   const dxacc_t<A> dxca = pick_dx_acc<A, A>(DW, DB);
   const bool nt = a.stream && kCanStream;
   const bool need_bo = dxf == nullptr || (two && dxc == nullptr);
+  // A chunk of at most kDwBlock rows is one block, and its partial is the block's sum (through a double that
+  // holds it exactly; a sum started at +0 is never -0): its rows then add into the partial row directly, with
+  // no block or chunk scratch rows (for long rows and few rows per chunk, allocating, clearing and flushing
+  // those was most of the memory traffic).
+  const bool one_block = R <= kDwBlock;
 #pragma omp parallel num_threads(a.nt) if (a.nt > 1)
   {
     Scratch<A> bx(a.txn == ca ? 0 : N), bdy(a.tdy == ca ? 0 : N);
     Scratch<A> bdh(a.dh && a.tdh != ca ? N : 0), bo(need_bo ? N : 0), zero(a.dh ? 0 : N);
     Scratch<mword_t<A>> mk(a.mask ? N : 0);
-    Scratch<A> blw(DW ? N : 0), blb(DB ? N : 0);  // the current block's dw / db sums
-    Scratch<double> chw(DW ? N : 0), chb(DB ? N : 0);  // the current chunk's dw / db sums
+    // the current block's and chunk's dw / db sums (none when a chunk is one block, see below)
+    Scratch<A> blw(DW && !one_block ? N : 0), blb(DB && !one_block ? N : 0);
+    Scratch<double> chw(DW && !one_block ? N : 0), chb(DB && !one_block ? N : 0);
     if (zero.p) memset(zero.p, 0, sizeof(A) * N);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < K; ++k) {
       A* cw = DW ? a.pw + k * N : nullptr;
       A* cb = DB ? a.pb + k * N : nullptr;
-      if (DW) memset(chw.p, 0, sizeof(double) * N), memset(blw.p, 0, sizeof(A) * N);
-      if (DB) memset(chb.p, 0, sizeof(double) * N), memset(blb.p, 0, sizeof(A) * N);
+      A* accw = DW ? (one_block ? cw : blw.p) : nullptr;
+      A* accb = DB ? (one_block ? cb : blb.p) : nullptr;
+      if (one_block) {
+        if (DW) memset(cw, 0, sizeof(A) * N);
+        if (DB) memset(cb, 0, sizeof(A) * N);
+      } else {
+        if (DW) memset(chw.p, 0, sizeof(double) * N), memset(blw.p, 0, sizeof(A) * N);
+        if (DB) memset(chb.p, 0, sizeof(double) * N), memset(blb.p, 0, sizeof(A) * N);
+      }
       const int64_t i1 = (k + 1) * R < M ? (k + 1) * R : M;
       for (int64_t i = k * R; i < i1; ++i) {
         const void* x_i = (const char*)a.x + i * N * sxn;
@@ -993,8 +1006,8 @@ static int bwd_impl(const BwdArgs<A>& a) {
         }
         if (two) {
           const A c1 = s1 / denom, c2 = s2 / denom;
-          A* pw = DW ? blw.p : nullptr;
-          A* pb = DB ? blb.p : nullptr;
+          A* pw = accw;
+          A* pb = accb;
           if (dxc) {
             dxc(x, dy, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf, pw, pb);
           } else {
@@ -1002,9 +1015,9 @@ static int bwd_impl(const BwdArgs<A>& a) {
             cout(bo.p, dx_i, N);
           }
         } else {
-          sums(x, dy, mk.p, a.w, s, d, rstd, N, blw.p, blb.p, &s1, &s2);
+          sums(x, dy, mk.p, a.w, s, d, rstd, N, accw, accb, &s1, &s2);
         }
-        if ((DW || DB) && ((i - k * R + 1) % kDwBlock == 0 || i + 1 == i1)) {
+        if (!one_block && (DW || DB) && ((i - k * R + 1) % kDwBlock == 0 || i + 1 == i1)) {
           for (int pass = 0; pass < 2; ++pass) {
             if ((pass == 0 && !DW) || (pass == 1 && !DB)) continue;
             double* o = pass == 0 ? chw.p : chb.p;
