@@ -385,6 +385,24 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("m, n", [(2600, 260), (20, 40000)], ids=["multi_block_chunks", "one_block_chunks"])
+@pytest.mark.parametrize("kind", ["plain", "residual", "masked"])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_weight_grads_of_both_chunk_kinds(m, n, kind, rms, threads):
+    # The general rows' dw / db: chunks of more than 32 rows go through block and double rows, chunks of at
+    # most 32 rows add into their partial row directly. Both against the reference, at 1 and 2 threads alike.
+    assert (cb._rows_per_chunk(m, n) > 32) == (m == 2600)
+    x, residual, mask, weight, bias = _inputs(m, n, torch.float32, kind, "weight_bias", rms, seed=m)
+    torch.set_num_threads(2)
+    _run_both(x, residual, mask, weight, bias, rms)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(5))
+    dh = torch.randn(m, n) if residual is not None else None
+    args = (x, residual, mask, weight, bias, rms, dy, dh)
+    first = _fwd_bwd(*args)
+    torch.set_num_threads(1)
+    _assert_all_equal(first, _fwd_bwd(*args))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["plain", "residual", "masked"])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])

@@ -940,7 +940,7 @@ static int bwd_impl(const BwdArgs<A>& a) {
     Scratch<A> bx(a.txn == ca ? 0 : N), bdy(a.tdy == ca ? 0 : N);
     Scratch<A> bdh(a.dh && a.tdh != ca ? N : 0), bo(need_bo ? N : 0), zero(a.dh ? 0 : N);
     Scratch<mword_t<A>> mk(a.mask ? N : 0);
-    // the current block's and chunk's dw / db sums (none when a chunk is one block, see below)
+    // the current block's and chunk's dw / db sums (none when a chunk is one block, see above)
     Scratch<A> blw(DW && !one_block ? N : 0), blb(DB && !one_block ? N : 0);
     Scratch<double> chw(DW && !one_block ? N : 0), chb(DB && !one_block ? N : 0);
     if (zero.p) memset(zero.p, 0, sizeof(A) * N);
@@ -1006,12 +1006,10 @@ static int bwd_impl(const BwdArgs<A>& a) {
         }
         if (two) {
           const A c1 = s1 / denom, c2 = s2 / denom;
-          A* pw = accw;
-          A* pb = accb;
           if (dxc) {
-            dxc(x, dy, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf, pw, pb);
+            dxc(x, dy, a.w, dh, dx_i, s, d, rstd, c1, c2, N, nt, pf, accw, accb);
           } else {
-            dxca(x, dy, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf, pw, pb);
+            dxca(x, dy, a.w, dh, bo.p, s, d, rstd, c1, c2, N, false, pf, accw, accb);
             cout(bo.p, dx_i, N);
           }
         } else {
@@ -1255,14 +1253,15 @@ static int fwd_small(const FwdArgs<A>& a) {
   const A* b = a.b;
   const A eps = a.eps;
   const A dn = (A)N;
-  const int64_t groups = (a.M + G - 1) / G;
+  const int Gr = small_group_rows<T>(N);  // (kSmallGroup when N == 1)
+  const int64_t groups = (a.M + Gr - 1) / Gr;
   if constexpr (P == 1) {
     // Rows of one element: a group's rows are consecutive elements, so each step below runs as one vector
     // operation across the group's rows (the same operations per row as the general case).
 #pragma omp parallel for num_threads(a.nt) if (a.nt > 1) schedule(static)
     for (int64_t q = 0; q < groups; ++q) {
-      const int64_t i0 = q * G;
-      const int cnt = (int)(a.M - i0 < G ? a.M - i0 : G);
+      const int64_t i0 = q * Gr;
+      const int cnt = (int)(a.M - i0 < Gr ? a.M - i0 : Gr);
       const T* x = X + i0;
       T* y = Y + i0;
       const A w0 = w[0], b0 = b[0];
@@ -1289,10 +1288,8 @@ static int fwd_small(const FwdArgs<A>& a) {
     }
     return 0;
   }
-  const int Gr = small_group_rows<T>(N);
-  const int64_t row_groups = (a.M + Gr - 1) / Gr;
 #pragma omp parallel for num_threads(a.nt) if (a.nt > 1) schedule(static)
-  for (int64_t q = 0; q < row_groups; ++q) {
+  for (int64_t q = 0; q < groups; ++q) {
     const int64_t i0 = q * Gr;
     const int cnt = (int)(a.M - i0 < Gr ? a.M - i0 : Gr);
     A k[G], s1[G], d[G], rstd[G];
